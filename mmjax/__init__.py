@@ -1,0 +1,1 @@
+"""mmjax: a JAX/Flax training stack for unified multimodal models."""
