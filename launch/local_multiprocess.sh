@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Several JAX processes on one machine (CPU), the way a multi-host job runs:
+#   launch/local_multiprocess.sh NPROC DEVICES_PER_PROC mmjax train --config ... --workdir ...
+# Each process gets DEVICES_PER_PROC fake CPU devices; they meet at a local coordinator.
+set -euo pipefail
+nproc=$1; per=$2; shift 2
+port=${MMJAX_PORT:-$((20000 + RANDOM % 20000))}
+pids=()
+for ((i = 0; i < nproc; i++)); do
+  MMJAX_COORDINATOR=127.0.0.1:$port MMJAX_NUM_PROCESSES=$nproc MMJAX_PROCESS_ID=$i \
+  XLA_FLAGS=--xla_force_host_platform_device_count=$per JAX_PLATFORMS=cpu "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
