@@ -17,6 +17,9 @@ import os
 import ml_collections
 
 
+DATA_SOURCES = ("shapes",)
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
 
@@ -136,8 +139,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]
   for name, comp in config.data.components.items():
     if comp.weight <= 0:
       raise ConfigError(f"data.components.{name}.weight={comp.weight} must be > 0")
-    if comp.source != "shapes" and not comp.get("path"):
-      raise ConfigError(f"data.components.{name}: source {comp.source!r} needs a path (data.components.{name}.path)")
+    if comp.source not in DATA_SOURCES:
+      raise ConfigError(f"data.components.{name}.source={comp.source!r}; available: {', '.join(DATA_SOURCES)}")
     if comp.get("path") and not os.path.exists(os.path.expanduser(comp.path)):
       raise ConfigError(
           f"data.components.{name}.path={comp.path!r} does not exist; point it at the local "

@@ -154,3 +154,10 @@ def test_train_then_eval_cli(tmp_path):
   assert "val/scene_accuracy" in ev.stdout and "step 10" in ev.stdout
   assert os.path.exists(os.path.join(workdir, "eval", "step_10.json"))
   assert "val/label_accuracy" in out.stdout
+
+
+def test_bf16_compute_keeps_fp32_params(tmp_path, tiny_config):
+  trainer = trainer_lib.Trainer(tiny_config("model.dtype='bfloat16'"), str(tmp_path))
+  state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
+  assert np.isfinite(float(metrics["loss"]))
+  assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}

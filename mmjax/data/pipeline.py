@@ -1,7 +1,7 @@
 """Grain input pipelines: named components mixed by weight, per-process batches.
 
-Each component is a random-access source (the shapes world, ArrayRecord files, a TFDS
-data source) with the recipe's preprocessing for that component. Components are mixed
+Each component is a random-access source (so far the shapes world) with the recipe's
+preprocessing for that component. Components are mixed
 by weight with `grain.MapDataset.mix`, so the stream is a pure function of the index:
 deterministic across worker counts, and its iterator state is a few integers that Orbax
 checkpoints with the model. Every record carries `_component` (its component's index) so
@@ -10,7 +10,6 @@ recipes can report per-component losses and tests can check the mixing shares.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import grain
@@ -26,22 +25,8 @@ def make_source(comp, image_size: int):
   if comp.source == "shapes":
     return shapes.ShapesSource(split=comp.split, view=comp.view, image_size=image_size,
                                num_records=comp.get("num_records") or None)
-  if comp.source == "array_record":
-    paths = sorted(_expand(comp.path, ".array_record"))
-    if not paths:
-      raise ConfigError(f"no .array_record files under {comp.path!r}")
-    return grain.sources.ArrayRecordDataSource(paths)
-  if comp.source == "tfds":
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    return tfds.data_source(comp.name, split=comp.split, data_dir=comp.path, download=False)
-  raise ConfigError(f"data source {comp.source!r}; choose shapes, array_record or tfds")
-
-
-def _expand(path: str, suffix: str) -> list[str]:
-  path = os.path.expanduser(path)
-  if os.path.isdir(path):
-    return [os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffix)]
-  return [path]
+  raise ConfigError(f"data source {comp.source!r} is not available; this version reads the shapes "
+                    "world (source='shapes')")
 
 
 class _Tag:
