@@ -25,7 +25,7 @@ import numpy as np
 
 SHAPES = ('circle', 'square', 'triangle')
 COLORS = ('red', 'green', 'blue', 'yellow', 'purple', 'cyan')
-# Saturated and pairwise >= 130 apart in RGB (closest: blue-purple), all far from BACKGROUND.
+# Saturated, pairwise >= 120 apart in RGB (closest: blue-cyan), all >= 197 from BACKGROUND.
 PALETTE = np.array([(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40),
                     (160, 40, 180), (40, 200, 210)], np.uint8)
 BACKGROUND = np.array((235, 235, 235), np.uint8)
@@ -78,7 +78,7 @@ def has_held_out(scene: Scene) -> bool:
 
 
 def relations(a, b) -> set[str]:
-  """GenEval's relative position of box a to box b: a subset of {left of, right of, above, below}."""
+  """GenEval's relative position of box a to box b: a subset of left of, right of, above, below."""
   boxes = np.array([a, b], np.float64).reshape(2, 2, 2)
   center_a, center_b = boxes.mean(axis=-2)
   dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
@@ -338,8 +338,9 @@ def qa(sc: Scene, rng: np.random.Generator, allowed=_any) -> tuple[str, str]:
     options += [(f'is the {ra} above or below the {rb}?', r) for r in rel & {'above', 'below'}]
     return _pick(rng, options) if options else None
 
+  kinds, weights = (attribute, is_color, count, exists, where), (0.35, 0.1, 0.2, 0.15, 0.2)
   while True:
-    result = _pick(rng, (attribute, is_color, count, exists, where))()
+    result = kinds[rng.choice(len(kinds), p=weights)]()
     if result:
       return result
 

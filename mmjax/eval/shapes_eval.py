@@ -1,9 +1,11 @@
 """shapes-eval: an analytic scorer for the shapes world (no learned weights; SHAPES.md).
 
-detect() segments an image by palette colour (nearest palette colour within COLOR_TOL, background
-excluded), labels 4-connected components, drops specks and non-shapes, and classifies each
-component by the fill ratio of its bounding box (square ~1, circle ~pi/4, triangle ~1/2) and its
-size by the box side. On top of it:
+detect() segments an image by palette colour (each pixel goes to the palette colour whose blend
+line with the background passes closest, within COLOR_TOL, and only past the line's midpoint: so
+slightly off colours still count and blurred edges count as the colour they fade from), labels
+4-connected components, drops specks and non-shapes, and classifies each component by how
+bottom-heavy it is (an apex-up triangle's centroid lies 2/3 down its box) and by the fill ratio of
+its box (square ~1, circle ~pi/4, triangle ~1/2), and its size by the box side. On top of it:
   * GenEval's six task types: geneval_prompts / scene_for_prompt / score / evaluate / format_table;
   * captioning and VQA: parse_caption, caption_correct, answer, normalize_answer;
   * region retrieval: region_boxes.
@@ -27,16 +29,18 @@ from mmjax.data import shapes
 from mmjax.data.shapes import COLORS, MAX_OBJECTS, NUMBER_WORDS, REL_PHRASES, SHAPES, SIZES, Scene
 
 TASKS = ('single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr')
-COLOR_TOL = 80.0     # max RGB distance to the nearest palette colour (pairwise >= 120 apart)
+COLOR_TOL = 80.0     # max RGB distance to a background-colour blend line (colours >= 120 apart)
 MIN_AREA = 0.01      # components below this fraction of the image are specks
 MIN_FILL = 0.3       # below this box fill ratio a component is no shape (thin strokes, rings)
 MAX_ASPECT = 2.0     # shapes are drawn with square boxes
-SQUARE_FILL = 0.9    # fill >= 0.9: square; raster circles fill 0.75-0.86 of their box
-CIRCLE_FILL = 0.64   # fill >= 0.64: circle; raster triangles fill 0.5-0.52
+TRIANGLE_DROP = 0.58  # centroid depth in the box >= this: triangle (apex up: 2/3; others: 1/2)
+SQUARE_FILL = 0.9    # else fill >= 0.9: square; raster circles fill 0.75-0.86 of their box
+CIRCLE_FILL = 0.64   # else fill >= 0.64: circle, below: triangle (raster triangles fill ~0.51)
 LARGE = 0.3          # box side / image side: small 0.22, large 0.375
 
 _BG = shapes.BACKGROUND.astype(np.float32)
 _DIRS = shapes.PALETTE.astype(np.float32) - _BG   # background -> palette colour
+_DIRS_SQ = (_DIRS ** 2).sum(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +84,10 @@ def detect(image: np.ndarray) -> list[Detection]:
   h, w = img.shape[:2]
   # Model each pixel as a blend bg + t * (colour - bg) (blurred or anti-aliased edges): take the
   # colour whose blend line passes closest; the pixel is that colour's when t >= 1/2.
-  x = img.reshape(-1, 1, 3).astype(np.float32) - _BG
-  t = np.clip((x * _DIRS).sum(-1) / (_DIRS ** 2).sum(-1), 0, 1)
-  d2 = ((x - t[..., None] * _DIRS) ** 2).sum(-1)
+  x = img.reshape(-1, 3).astype(np.float32) - _BG
+  xd = x @ _DIRS.T                                     # [pixels, colours]
+  t = np.clip(xd / _DIRS_SQ, 0, 1)
+  d2 = (x * x).sum(1, keepdims=True) - 2 * t * xd + t * t * _DIRS_SQ  # to the blend line
   k = d2.argmin(1)
   rows = np.arange(len(k))
   fg = (t[rows, k] >= 0.5) & (d2[rows, k] <= COLOR_TOL ** 2)
@@ -98,13 +103,16 @@ def detect(image: np.ndarray) -> list[Detection]:
   np.minimum.at(y0, inv, ys)
   np.maximum.at(x1, inv, xs + 1)
   np.maximum.at(y1, inv, ys + 1)
+  mean_y = np.bincount(inv, weights=ys + 0.5) / area
   out = []
   for i, root in enumerate(ids):
     bw, bh = x1[i] - x0[i], y1[i] - y0[i]
     fill = area[i] / (bw * bh)
     if area[i] < MIN_AREA * h * w or fill < MIN_FILL or max(bw / bh, bh / bw) > MAX_ASPECT:
       continue
-    shape = 'square' if fill >= SQUARE_FILL else 'circle' if fill >= CIRCLE_FILL else 'triangle'
+    drop = (mean_y[i] - y0[i]) / bh
+    shape = ('triangle' if drop >= TRIANGLE_DROP else 'square' if fill >= SQUARE_FILL else
+             'circle' if fill >= CIRCLE_FILL else 'triangle')
     size = 'large' if np.sqrt(bw * bh / (h * w)) >= LARGE else 'small'
     box = (x0[i] / w, y0[i] / h, x1[i] / w, y1[i] / h)
     out.append(Detection(shape, COLORS[cls.flat[root]], size, tuple(map(float, box)),
@@ -390,7 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       if args.render:
         Image.fromarray(shapes.render(scene_for_prompt(p, rng), args.image_size)).save(
             args.render / rec['file'])
-    pathlib.Path(out).write_text('\n'.join(lines) + '\n')
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text('\n'.join(lines) + '\n')
     print(f'wrote {len(prompts)} prompts to {out}' + (f', images to {args.render}'
                                                       if args.render else ''))
     return 0

@@ -55,6 +55,8 @@ class Trainer:
     self.abstract_state = jax.eval_shape(self._init_state, self.base_key)
     self.state_shardings = self._state_shardings(self.abstract_state)
     self.batch_sharding = parallel.batch_sharding(self.mesh, config)
+    self.evaluators = self.recipe.evaluators()
+    self._eval_steps = {}
 
   @contextlib.contextmanager
   def _context(self):
@@ -159,10 +161,11 @@ class Trainer:
   # ---- eval --------------------------------------------------------------------------
   def evaluate(self, params) -> dict[str, float]:
     results = {}
-    for name, ev in self.recipe.evaluators().items():
+    for name, ev in self.evaluators.items():
       ds = pipeline.eval_dataset(ev.data, self.config.data.image_size, ev.preprocess)
       with self._context():
-        step = jax.jit(ev.step, in_shardings=(self.state_shardings.params, self.batch_sharding))
+        step = self._eval_steps.setdefault(name, jax.jit(
+            ev.step, in_shardings=(self.state_shardings.params, self.batch_sharding)))
         outs = []
         for local in ds:
           out = step(params, parallel.global_batch(local, self.batch_sharding))
@@ -191,31 +194,33 @@ class Trainer:
     progress = metrics_lib.Progress(start, tc.steps, cfg.data.global_batch_size, enabled=lead)
     config_json = config_lib.to_json(cfg)
     last = {}
+    steps, log_every, save_every, eval_every = tc.steps, tc.log_every, tc.save_every, tc.eval_every
+    kill_at, multi = cfg.debug.kill_at_step, jax.process_count() > 1  # no ConfigDict lookups per step
     try:
-      for step in range(start + 1, tc.steps + 1):
+      for step in range(start + 1, steps + 1):
         batch = parallel.global_batch(next(data_iter), self.batch_sharding)
         state, metrics = compiled(state, batch)
-        if step % tc.log_every == 0 or step == tc.steps:
+        if step % log_every == 0 or step == steps:
           last = writer.write(step, metrics)
           progress.update(step, last["loss"])
           self._check_bad_steps(state)
         else:
           progress.update(step)
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+        if eval_every and step % eval_every == 0 and step < steps:
           writer.write(step, self.evaluate(state.eval_params()))
-        if cfg.debug.kill_at_step == step:  # fault injection for the resume tests
+        if kill_at == step:  # fault injection for the resume tests
           ckpt.wait()
           os.kill(os.getpid(), getattr(signal, cfg.debug.kill_signal))
         # Several processes must agree on a preemption step: JAX's preemption service does that.
-        stop = ckpt.reached_preemption(step) if jax.process_count() > 1 else preempted.is_set()
-        if step % tc.save_every == 0 or step == tc.steps or stop:
+        stop = ckpt.reached_preemption(step) if multi else preempted.is_set()
+        if step % save_every == 0 or step == steps or stop:
           self._check_bad_steps(state)
           ckpt.save(step, state, data_iter, config_json, force=stop)
         if stop:
           log.warning("preempted: saved step %d, exiting", step)
           raise Preempted(step)
-      if self.recipe.evaluators():
-        last.update(writer.write(tc.steps, self.evaluate(state.eval_params())))
+      if self.evaluators:
+        last.update(writer.write(steps, self.evaluate(state.eval_params())))
     finally:
       progress.close()
       ckpt.close()
