@@ -58,11 +58,11 @@ def mixture(config, preprocess: Callable[[str], Callable], num_examples: int) ->
 
 
 def train_dataset(config, preprocess: Callable[[str], Callable]) -> grain.MapDataset:
-  """Per-process batches (this process's share of each global batch), random access."""
+  """`train.steps` per-process batches (this process's share of each global batch)."""
   steps, gb = config.train.steps, config.data.global_batch_size
   ds = mixture(config, preprocess, steps * gb)
   ds = ds[jax.process_index()::jax.process_count()]
-  return ds.batch(gb // jax.process_count(), drop_remainder=True)
+  return ds.batch(gb // jax.process_count(), drop_remainder=True)[:steps]
 
 
 def to_iter(ds: grain.MapDataset, num_workers: int, prefetch: int = 2) -> grain.IterDataset:
