@@ -5,6 +5,7 @@ config is locked, so a misspelt key in an override is an error that names the ke
 closest existing ones. `validate` checks everything that can be checked before anything
 compiles and says what to change.
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,133 +22,146 @@ DATA_SOURCES = ("shapes",)
 
 
 class ConfigError(ValueError):
-  """A config that cannot run; the message says what to change."""
+    """A config that cannot run; the message says what to change."""
 
 
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:variant]` and applies `key.sub=value` overrides."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist (expected configs/NAME.py[:VARIANT])")
-  module_spec = importlib.util.spec_from_file_location(f"_mmjax_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} has no get_config(arg) function")
-  config = module.get_config(arg or None)
-  config.lock()
-  for override in overrides:
-    apply_override(config, override)
-  return config
+    """Loads `path/to/config.py[:variant]` and applies `key.sub=value` overrides."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (expected configs/NAME.py[:VARIANT])")
+    module_spec = importlib.util.spec_from_file_location(f"_mmjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg) function")
+    config = module.get_config(arg or None)
+    config.lock()
+    for override in overrides:
+        apply_override(config, override)
+    return config
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-  """Sets `a.b.c=value`; the value is parsed as a Python literal when it is one."""
-  key, sep, raw = override.partition("=")
-  key = key.strip().removeprefix("--").removeprefix("config.")
-  if not sep:
-    raise ConfigError(f"override {override!r} must look like key.sub=VALUE")
-  *parents, leaf = key.split(".")
-  node = config
-  for i, name in enumerate(parents):
-    node = _child(node, name, ".".join(parents[: i + 1]))
-  _child(node, leaf, key)  # raises for unknown keys
-  old = node[leaf]
-  node[leaf] = _coerce(raw, old, key)
+    """Sets `a.b.c=value`; the value is parsed as a Python literal when it is one."""
+    key, sep, raw = override.partition("=")
+    key = key.strip().removeprefix("--").removeprefix("config.")
+    if not sep:
+        raise ConfigError(f"override {override!r} must look like key.sub=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        node = _child(node, name, ".".join(parents[: i + 1]))
+    _child(node, leaf, key)  # raises for unknown keys
+    old = node[leaf]
+    node[leaf] = _coerce(raw, old, key)
 
 
 def _child(node, name: str, full: str):
-  if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-    keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-    close = difflib.get_close_matches(name, keys, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys here: {', '.join(sorted(keys))}"
-    raise ConfigError(f"unknown config key {full!r}{hint}")
-  return node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(name, keys, n=3)
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else f"; known keys here: {', '.join(sorted(keys))}"
+        )
+        raise ConfigError(f"unknown config key {full!r}{hint}")
+    return node[name]
 
 
 def _coerce(raw: str, old, key: str):
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  if isinstance(old, bool):
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-      return value.lower() == "true"
-    if not isinstance(value, bool):
-      raise ConfigError(f"{key} is a bool; got {raw!r}")
-  elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  elif isinstance(old, str):
-    return value if isinstance(value, str) else raw
-  elif old is not None and not isinstance(value, type(old)) and not (
-      isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
-    raise ConfigError(f"{key} is a {type(old).__name__}; got {raw!r}")
-  return tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(old, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} is a bool; got {raw!r}")
+    elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(old, str):
+        return value if isinstance(value, str) else raw
+    elif (
+        old is not None
+        and not isinstance(value, type(old))
+        and not (isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)))
+    ):
+        raise ConfigError(f"{key} is a {type(old).__name__}; got {raw!r}")
+    return tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
 
 
 def to_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json())
+    return json.loads(config.to_json())
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Resolves the mesh axes (one may be -1 = all remaining devices) against the devices."""
-  axes = dict(mesh_config.items())
-  if sum(v == -1 for v in axes.values()) > 1:
-    raise ConfigError(f"mesh {axes}: at most one axis may be -1")
-  fixed = math.prod(v for v in axes.values() if v != -1)
-  if any(v == 0 or v < -1 for v in axes.values()):
-    raise ConfigError(f"mesh {axes}: axis sizes must be positive or -1")
-  if -1 in axes.values():
-    if num_devices % fixed:
-      raise ConfigError(
-          f"mesh {axes}: the fixed axes use {fixed} devices, which does not divide the "
-          f"{num_devices} available; change the mesh sizes so their product divides {num_devices}")
-    axes = {k: (num_devices // fixed if v == -1 else v) for k, v in axes.items()}
-  elif fixed != num_devices:
-    raise ConfigError(
-        f"mesh {axes} needs {fixed} devices but {num_devices} are available; set one axis to -1 "
-        f"(e.g. --config.mesh.data=-1) or make the product {num_devices} (on a CPU, "
-        f"XLA_FLAGS=--xla_force_host_platform_device_count={fixed} fakes {fixed} devices)")
-  return axes
+    """Resolves the mesh axes (one may be -1 = all remaining devices) against the devices."""
+    axes = dict(mesh_config.items())
+    if sum(v == -1 for v in axes.values()) > 1:
+        raise ConfigError(f"mesh {axes}: at most one axis may be -1")
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    if any(v == 0 or v < -1 for v in axes.values()):
+        raise ConfigError(f"mesh {axes}: axis sizes must be positive or -1")
+    if -1 in axes.values():
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh {axes}: the fixed axes use {fixed} devices, which does not divide the "
+                f"{num_devices} available; change the mesh sizes so their product divides {num_devices}"
+            )
+        axes = {k: (num_devices // fixed if v == -1 else v) for k, v in axes.items()}
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"mesh {axes} needs {fixed} devices but {num_devices} are available; set one axis to -1 "
+            f"(e.g. --config.mesh.data=-1) or make the product {num_devices} (on a CPU, "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={fixed} fakes {fixed} devices)"
+        )
+    return axes
 
 
 def batch_axes(config) -> tuple[str, ...]:
-  """The mesh axes that the logical `batch` axis is sharded over."""
-  for name, target in config.sharding_rules:
-    if name == "batch":
-      return (target,) if isinstance(target, str) else tuple(target or ())
-  return ()
+    """The mesh axes that the logical `batch` axis is sharded over."""
+    for name, target in config.sharding_rules:
+        if name == "batch":
+            return (target,) if isinstance(target, str) else tuple(target or ())
+    return ()
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
-  """Checks a config before anything compiles; returns the resolved mesh shape."""
-  shape = mesh_shape(config.mesh, num_devices)
-  unknown = [a for a in batch_axes(config) if a not in shape]
-  if unknown:
-    raise ConfigError(f"sharding rule for 'batch' names mesh axes {unknown} that config.mesh lacks")
-  dp = math.prod(shape[a] for a in batch_axes(config))
-  gb, accum = config.data.global_batch_size, config.train.grad_accum
-  if gb % (dp * accum):
-    raise ConfigError(
-        f"data.global_batch_size={gb} must be divisible by the data-parallel size {dp} "
-        f"(mesh axes {batch_axes(config)}) times train.grad_accum={accum}; "
-        f"use a multiple of {dp * accum}")
-  if gb % num_processes:
-    raise ConfigError(f"data.global_batch_size={gb} must be divisible by the {num_processes} processes")
-  if not config.data.components:
-    raise ConfigError("data.components is empty; name at least one data source")
-  for name, comp in config.data.components.items():
-    if comp.weight <= 0:
-      raise ConfigError(f"data.components.{name}.weight={comp.weight} must be > 0")
-    if comp.source not in DATA_SOURCES:
-      raise ConfigError(f"data.components.{name}.source={comp.source!r}; available: {', '.join(DATA_SOURCES)}")
-    if comp.get("path") and not os.path.exists(os.path.expanduser(comp.path)):
-      raise ConfigError(
-          f"data.components.{name}.path={comp.path!r} does not exist; point it at the local "
-          f"data (mmjax never downloads) or drop the component")
-  if config.optim.name not in ("adamw", "lamb", "adafactor"):
-    raise ConfigError(f"optim.name={config.optim.name!r}; choose adamw, lamb or adafactor")
-  return shape
+    """Checks a config before anything compiles; returns the resolved mesh shape."""
+    shape = mesh_shape(config.mesh, num_devices)
+    unknown = [a for a in batch_axes(config) if a not in shape]
+    if unknown:
+        raise ConfigError(f"sharding rule for 'batch' names mesh axes {unknown} that config.mesh lacks")
+    dp = math.prod(shape[a] for a in batch_axes(config))
+    gb, accum = config.data.global_batch_size, config.train.grad_accum
+    if gb % (dp * accum):
+        raise ConfigError(
+            f"data.global_batch_size={gb} must be divisible by the data-parallel size {dp} "
+            f"(mesh axes {batch_axes(config)}) times train.grad_accum={accum}; "
+            f"use a multiple of {dp * accum}"
+        )
+    if gb % num_processes:
+        raise ConfigError(f"data.global_batch_size={gb} must be divisible by the {num_processes} processes")
+    if not config.data.components:
+        raise ConfigError("data.components is empty; name at least one data source")
+    for name, comp in config.data.components.items():
+        if comp.weight <= 0:
+            raise ConfigError(f"data.components.{name}.weight={comp.weight} must be > 0")
+        if comp.source not in DATA_SOURCES:
+            raise ConfigError(
+                f"data.components.{name}.source={comp.source!r}; available: {', '.join(DATA_SOURCES)}"
+            )
+        if comp.get("path") and not os.path.exists(os.path.expanduser(comp.path)):
+            raise ConfigError(
+                f"data.components.{name}.path={comp.path!r} does not exist; point it at the local "
+                f"data (mmjax never downloads) or drop the component"
+            )
+    if config.optim.name not in ("adamw", "lamb", "adafactor"):
+        raise ConfigError(f"optim.name={config.optim.name!r}; choose adamw, lamb or adafactor")
+    return shape
 
 
 # Logical axis -> mesh axes. Activations (`act_*`) and parameters have separate names so
@@ -170,29 +184,61 @@ DEFAULT_RULES = (
 
 
 def base() -> ml_collections.ConfigDict:
-  """Defaults every recipe config starts from: mesh, rules, data, optimizer, trainer."""
-  c = ml_collections.ConfigDict()
-  c.recipe = ""
-  c.seed = 0
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.sharding_rules = DEFAULT_RULES
-  c.data = ml_collections.ConfigDict(dict(
-      global_batch_size=32, image_size=32, num_workers=0, prefetch=2,
-      components=ml_collections.ConfigDict()))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
-      schedule="cosine", warmup_steps=10, lr_floor=0.0, clip_norm=1.0,
-      groups=(), freeze=()))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=100, log_every=10, eval_every=0, save_every=100, keep=3, keep_period=0,
-      grad_accum=1, ema_decay=0.0, max_bad_steps=20))
-  c.evals = ml_collections.ConfigDict()
-  c.debug = ml_collections.ConfigDict(dict(kill_at_step=-1, kill_signal="SIGKILL"))
-  return c
+    """Defaults every recipe config starts from: mesh, rules, data, optimizer, trainer."""
+    c = ml_collections.ConfigDict()
+    c.recipe = ""
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = DEFAULT_RULES
+    c.data = ml_collections.ConfigDict(
+        dict(
+            global_batch_size=32,
+            image_size=32,
+            num_workers=0,
+            prefetch=2,
+            components=ml_collections.ConfigDict(),
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-3,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_steps=10,
+            lr_floor=0.0,
+            clip_norm=1.0,
+            groups=(),
+            freeze=(),
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=100,
+            log_every=10,
+            eval_every=0,
+            save_every=100,
+            keep=3,
+            keep_period=0,
+            grad_accum=1,
+            ema_decay=0.0,
+            max_bad_steps=20,
+        )
+    )
+    c.evals = ml_collections.ConfigDict()
+    c.debug = ml_collections.ConfigDict(dict(kill_at_step=-1, kill_signal="SIGKILL"))
+    return c
 
 
-def component(source="shapes", split="train", view="image", weight=1.0, path="", num_records=0,
-              **extra) -> ml_collections.ConfigDict:
-  """One named data source of a mixture (or an evaluation's data)."""
-  return ml_collections.ConfigDict(dict(source=source, split=split, view=view, weight=weight,
-                                        path=path, num_records=num_records, **extra))
+def component(
+    source="shapes", split="train", view="image", weight=1.0, path="", num_records=0, **extra
+) -> ml_collections.ConfigDict:
+    """One named data source of a mixture (or an evaluation's data)."""
+    return ml_collections.ConfigDict(
+        dict(
+            source=source, split=split, view=view, weight=weight, path=path, num_records=num_records, **extra
+        )
+    )

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (mesh tests), absl flags parsed (grain workers read
 them), and a helper that runs the `mmjax` command line in a fresh process."""
+
 import json
 import os
 import subprocess
@@ -18,24 +19,32 @@ TINY = os.path.join(ROOT, "configs", "vit_shapes.py:tiny")
 
 
 def run_mmjax(*args, devices=1, check=True, timeout=600):
-  """Runs `python -m mmjax.cli ARGS` with `devices` fake CPU devices."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  proc = subprocess.run([sys.executable, "-m", "mmjax.cli", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"mmjax {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-  return proc
+    """Runs `python -m mmjax.cli ARGS` with `devices` fake CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmjax.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mmjax {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
-  return {r["step"]: r for r in rows if "loss" in r}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+    return {r["step"]: r for r in rows if "loss" in r}
 
 
 @pytest.fixture
 def tiny_config():
-  from mmjax import config as config_lib
-  def make(*overrides):
-    return config_lib.load(TINY, list(overrides))
-  return make
+    from mmjax import config as config_lib
+
+    def make(*overrides):
+        return config_lib.load(TINY, list(overrides))
+
+    return make

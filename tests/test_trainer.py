@@ -1,5 +1,6 @@
 """The trainer end to end: sharding equivalence, resume after SIGKILL / SIGTERM,
 restoring onto another mesh, the NaN guard, accumulation, freezing, EMA, eval CLI."""
+
 import os
 import signal
 
@@ -13,151 +14,198 @@ from mmjax import parallel
 from mmjax.data import pipeline
 from mmjax.train import trainer as trainer_lib
 
-SHORT = ["--config.train.steps=20", "--config.train.log_every=1", "--config.train.save_every=5",
-         "--config.evals.val.num_examples=64"]
+SHORT = [
+    "--config.train.steps=20",
+    "--config.train.log_every=1",
+    "--config.train.save_every=5",
+    "--config.evals.val.num_examples=64",
+]
 
 
 def test_sharded_run_matches_one_device_and_shards_params(tmp_path, tiny_config):
-  one = run_mmjax("train", "--config", TINY, "--workdir", str(tmp_path / "one"),
-                  "--config.train.steps=8", "--config.train.log_every=1", devices=1)
-  eight = run_mmjax("train", "--config", TINY, "--workdir", str(tmp_path / "eight"),
-                    "--config.train.steps=8", "--config.train.log_every=1",
-                    "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
-  a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
-  assert sorted(a) == sorted(b) == list(range(1, 9))
-  np.testing.assert_allclose([a[s]["loss"] for s in a], [b[s]["loss"] for s in a], rtol=2e-5)
-  assert a[8]["loss"] != a[1]["loss"]
-  assert "compiled train step, per device" in one.stdout + eight.stdout
+    one = run_mmjax(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path / "one"),
+        "--config.train.steps=8",
+        "--config.train.log_every=1",
+        devices=1,
+    )
+    eight = run_mmjax(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path / "eight"),
+        "--config.train.steps=8",
+        "--config.train.log_every=1",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=4",
+        devices=8,
+    )
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([a[s]["loss"] for s in a], [b[s]["loss"] for s in a], rtol=2e-5)
+    assert a[8]["loss"] != a[1]["loss"]
+    assert "compiled train step, per device" in one.stdout + eight.stdout
 
-  # In this process (8 fake devices): the kernels really are split over `fsdp`.
-  trainer = trainer_lib.Trainer(tiny_config("mesh.data=2", "mesh.fsdp=4"), str(tmp_path / "x"))
-  state = trainer.init_state()
-  sharded = [(n, p) for n, p in parallel.flat(state.params).items()
-             if "fsdp" in str(p.sharding.spec)]
-  assert sharded, "no parameter is sharded over fsdp"
-  for name, p in sharded:
-    shard = p.addressable_shards[0].data.shape
-    assert np.prod(shard) * 4 == p.size, (name, shard, p.shape)
-  # optimizer moments shard like their parameters
-  mu = [x for x in jax.tree.leaves(state.opt_state) if hasattr(x, "sharding") and x.ndim > 1]
-  assert any("fsdp" in str(x.sharding.spec) for x in mu)
+    # In this process (8 fake devices): the kernels really are split over `fsdp`.
+    trainer = trainer_lib.Trainer(tiny_config("mesh.data=2", "mesh.fsdp=4"), str(tmp_path / "x"))
+    state = trainer.init_state()
+    sharded = [(n, p) for n, p in parallel.flat(state.params).items() if "fsdp" in str(p.sharding.spec)]
+    assert sharded, "no parameter is sharded over fsdp"
+    for name, p in sharded:
+        shard = p.addressable_shards[0].data.shape
+        assert np.prod(shard) * 4 == p.size, (name, shard, p.shape)
+    # optimizer moments shard like their parameters
+    mu = [x for x in jax.tree.leaves(state.opt_state) if hasattr(x, "sharding") and x.ndim > 1]
+    assert any("fsdp" in str(x.sharding.spec) for x in mu)
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_resume_is_bit_identical(tmp_path, sig):
-  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
-  run_mmjax("train", "--config", TINY, "--workdir", straight, *SHORT)
-  first = run_mmjax("train", "--config", TINY, "--workdir", broken, *SHORT,
-                    "--config.debug.kill_at_step=12", f"--config.debug.kill_signal={sig}", check=False)
-  expected = -signal.SIGKILL if sig == "SIGKILL" else 143
-  assert first.returncode == expected, first.stderr[-2000:]
-  steps = sorted(int(s) for s in os.listdir(os.path.join(broken, "checkpoints")) if s.isdigit())
-  assert steps[-1] == (10 if sig == "SIGKILL" else 12), steps  # SIGTERM saves where it stopped
-  run_mmjax("train", "--config", TINY, "--workdir", broken, *SHORT)
-  a, b = read_metrics(straight), read_metrics(broken)
-  assert sorted(a) == sorted(b) == list(range(1, 21))
-  for s in a:  # bit-identical: same data order, same RNG, same arithmetic
-    assert a[s]["loss"] == b[s]["loss"], (s, a[s]["loss"], b[s]["loss"])
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    run_mmjax("train", "--config", TINY, "--workdir", straight, *SHORT)
+    first = run_mmjax(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        broken,
+        *SHORT,
+        "--config.debug.kill_at_step=12",
+        f"--config.debug.kill_signal={sig}",
+        check=False,
+    )
+    expected = -signal.SIGKILL if sig == "SIGKILL" else 143
+    assert first.returncode == expected, first.stderr[-2000:]
+    steps = sorted(int(s) for s in os.listdir(os.path.join(broken, "checkpoints")) if s.isdigit())
+    assert steps[-1] == (10 if sig == "SIGKILL" else 12), steps  # SIGTERM saves where it stopped
+    run_mmjax("train", "--config", TINY, "--workdir", broken, *SHORT)
+    a, b = read_metrics(straight), read_metrics(broken)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for s in a:  # bit-identical: same data order, same RNG, same arithmetic
+        assert a[s]["loss"] == b[s]["loss"], (s, a[s]["loss"], b[s]["loss"])
 
 
 def test_restore_onto_another_mesh(tmp_path, tiny_config):
-  workdir = str(tmp_path / "run")
-  cfg = tiny_config("train.steps=6", "train.save_every=3", "mesh.data=8", "evals.val.num_examples=64")
-  trainer_lib.train(cfg, workdir)
-  cfg = tiny_config("train.steps=10", "train.save_every=3", "mesh.data=2", "mesh.fsdp=4",
-                    "evals.val.num_examples=64")
-  trainer = trainer_lib.Trainer(cfg, workdir)
-  ckpt = trainer_lib.Checkpointer(workdir, cfg.train)
-  state, step = ckpt.restore(trainer.abstract_state_with_shardings())
-  ckpt.close()
-  assert step == 6 and int(state.step) == 6
-  kernel = next(p for n, p in parallel.flat(state.params).items() if "fsdp" in str(p.sharding.spec))
-  assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
-  trainer.fit()  # continues to step 10 on the new mesh
-  rows = read_metrics(workdir)
-  assert max(rows) == 10 and np.isfinite(rows[10]["loss"])
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config("train.steps=6", "train.save_every=3", "mesh.data=8", "evals.val.num_examples=64")
+    trainer_lib.train(cfg, workdir)
+    cfg = tiny_config(
+        "train.steps=10", "train.save_every=3", "mesh.data=2", "mesh.fsdp=4", "evals.val.num_examples=64"
+    )
+    trainer = trainer_lib.Trainer(cfg, workdir)
+    ckpt = trainer_lib.Checkpointer(workdir, cfg.train)
+    state, step = ckpt.restore(trainer.abstract_state_with_shardings())
+    ckpt.close()
+    assert step == 6 and int(state.step) == 6
+    kernel = next(p for n, p in parallel.flat(state.params).items() if "fsdp" in str(p.sharding.spec))
+    assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    trainer.fit()  # continues to step 10 on the new mesh
+    rows = read_metrics(workdir)
+    assert max(rows) == 10 and np.isfinite(rows[10]["loss"])
 
 
 def _one_step(trainer, state, batch):
-  with trainer._context():
-    return jax.jit(trainer.train_step)(state, batch)
+    with trainer._context():
+        return jax.jit(trainer.train_step)(state, batch)
 
 
 def _batch(trainer):
-  ds = pipeline.train_dataset(trainer.config, trainer.recipe.preprocess)
-  return parallel.global_batch(ds[0], trainer.batch_sharding)
+    ds = pipeline.train_dataset(trainer.config, trainer.recipe.preprocess)
+    return parallel.global_batch(ds[0], trainer.batch_sharding)
 
 
 def test_nan_guard_skips_and_stops(tmp_path, tiny_config):
-  trainer = trainer_lib.Trainer(tiny_config("train.max_bad_steps=1"), str(tmp_path))
-  state = trainer.init_state()
-  before = jax.tree.map(np.asarray, state.params)
-  bad = dict(_batch(trainer))
-  bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
-  state, metrics = _one_step(trainer, state, bad)
-  assert int(metrics["skipped"]) == 1 and int(state.bad_streak) == 1 and int(state.step) == 1
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
-  trainer._check_bad_steps(state)  # 1 in a row is allowed
-  state, _ = _one_step(trainer, state, bad)
-  with pytest.raises(trainer_lib.TooManyBadSteps, match="max_bad_steps"):
-    trainer._check_bad_steps(state)
-  state, metrics = _one_step(trainer, state, _batch(trainer))  # a good step resets the streak
-  assert int(state.bad_streak) == 0 and int(state.bad_total) == 2 and int(metrics["skipped"]) == 0
+    trainer = trainer_lib.Trainer(tiny_config("train.max_bad_steps=1"), str(tmp_path))
+    state = trainer.init_state()
+    before = jax.tree.map(np.asarray, state.params)
+    bad = dict(_batch(trainer))
+    bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
+    state, metrics = _one_step(trainer, state, bad)
+    assert int(metrics["skipped"]) == 1 and int(state.bad_streak) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
+    trainer._check_bad_steps(state)  # 1 in a row is allowed
+    state, _ = _one_step(trainer, state, bad)
+    with pytest.raises(trainer_lib.TooManyBadSteps, match="max_bad_steps"):
+        trainer._check_bad_steps(state)
+    state, metrics = _one_step(trainer, state, _batch(trainer))  # a good step resets the streak
+    assert int(state.bad_streak) == 0 and int(state.bad_total) == 2 and int(metrics["skipped"]) == 0
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path, tiny_config):
-  outs = []
-  for accum in (1, 4):
-    trainer = trainer_lib.Trainer(tiny_config(f"train.grad_accum={accum}", "optim.warmup_steps=0",
-                                              "optim.schedule='constant'"), str(tmp_path))
-    state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
-    outs.append((float(metrics["loss"]), float(metrics["grad_norm"]), parallel.flat(state.params)))
-  assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
-  assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-4)
-  for n in outs[0][2]:
-    np.testing.assert_allclose(outs[0][2][n], outs[1][2][n], atol=1e-6)
+    outs = []
+    for accum in (1, 4):
+        trainer = trainer_lib.Trainer(
+            tiny_config(f"train.grad_accum={accum}", "optim.warmup_steps=0", "optim.schedule='constant'"),
+            str(tmp_path),
+        )
+        state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
+        outs.append((float(metrics["loss"]), float(metrics["grad_norm"]), parallel.flat(state.params)))
+    assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
+    assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-4)
+    for n in outs[0][2]:
+        np.testing.assert_allclose(outs[0][2][n], outs[1][2][n], atol=1e-6)
 
 
 def test_freezing_groups_and_ema(tmp_path, tiny_config):
-  cfg = tiny_config("optim.freeze=('encoder',)", "optim.groups=(('head', 0.0),)", "train.ema_decay=0.5",
-                    "optim.warmup_steps=0", "optim.schedule='constant'")
-  trainer = trainer_lib.Trainer(cfg, str(tmp_path))
-  state = trainer.init_state()
-  names = parallel.flat(state.params)
-  frozen = [n for n in names if "encoder" in n]
-  assert frozen and not any(n in trainer.opt.trainable for n in frozen)
-  opt_keys = {getattr(k, "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
-              for k in path}
-  assert not opt_keys & set(frozen), "frozen parameters must have no optimizer state"
-  before = {n: np.asarray(v) for n, v in names.items()}
-  state, _ = _one_step(trainer, state, _batch(trainer))
-  after = parallel.flat(state.params)
-  for n in frozen:
-    np.testing.assert_array_equal(before[n], after[n])
-  head = [n for n in after if "head" in n]
-  for n in head:  # lr multiplier 0
-    np.testing.assert_array_equal(before[n], after[n])
-  moved = [n for n in after if n not in frozen and n not in head]
-  assert any(not np.array_equal(before[n], after[n]) for n in moved)
-  n = moved[0]
-  np.testing.assert_allclose(state.ema[n], 0.5 * before[n] + 0.5 * np.asarray(after[n]), atol=1e-6)
+    cfg = tiny_config(
+        "optim.freeze=('encoder',)",
+        "optim.groups=(('head', 0.0),)",
+        "train.ema_decay=0.5",
+        "optim.warmup_steps=0",
+        "optim.schedule='constant'",
+    )
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path))
+    state = trainer.init_state()
+    names = parallel.flat(state.params)
+    frozen = [n for n in names if "encoder" in n]
+    assert frozen and not any(n in trainer.opt.trainable for n in frozen)
+    opt_keys = {
+        getattr(k, "key", None)
+        for path, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+        for k in path
+    }
+    assert not opt_keys & set(frozen), "frozen parameters must have no optimizer state"
+    before = {n: np.asarray(v) for n, v in names.items()}
+    state, _ = _one_step(trainer, state, _batch(trainer))
+    after = parallel.flat(state.params)
+    for n in frozen:
+        np.testing.assert_array_equal(before[n], after[n])
+    head = [n for n in after if "head" in n]
+    for n in head:  # lr multiplier 0
+        np.testing.assert_array_equal(before[n], after[n])
+    moved = [n for n in after if n not in frozen and n not in head]
+    assert any(not np.array_equal(before[n], after[n]) for n in moved)
+    n = moved[0]
+    np.testing.assert_allclose(state.ema[n], 0.5 * before[n] + 0.5 * np.asarray(after[n]), atol=1e-6)
 
 
 def test_train_then_eval_cli(tmp_path):
-  workdir = str(tmp_path / "run")
-  out = run_mmjax("train", "--config", TINY, "--workdir", workdir, "--config.train.steps=10",
-                  "--config.evals.val.num_examples=128")
-  assert os.listdir(os.path.join(workdir, "tb"))
-  ckpt = os.path.join(workdir, "checkpoints", "10")
-  assert {"state", "data", "config"} <= set(os.listdir(ckpt))
-  ev = run_mmjax("eval", "--config", TINY, "--workdir", workdir, "--config.evals.val.num_examples=128")
-  assert "val/scene_accuracy" in ev.stdout and "step 10" in ev.stdout
-  assert os.path.exists(os.path.join(workdir, "eval", "step_10.json"))
-  assert "val/label_accuracy" in out.stdout
+    workdir = str(tmp_path / "run")
+    out = run_mmjax(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        workdir,
+        "--config.train.steps=10",
+        "--config.evals.val.num_examples=128",
+    )
+    assert os.listdir(os.path.join(workdir, "tb"))
+    ckpt = os.path.join(workdir, "checkpoints", "10")
+    assert {"state", "data", "config"} <= set(os.listdir(ckpt))
+    ev = run_mmjax("eval", "--config", TINY, "--workdir", workdir, "--config.evals.val.num_examples=128")
+    assert "val/scene_accuracy" in ev.stdout and "step 10" in ev.stdout
+    assert os.path.exists(os.path.join(workdir, "eval", "step_10.json"))
+    assert "val/label_accuracy" in out.stdout
 
 
 def test_bf16_compute_keeps_fp32_params(tmp_path, tiny_config):
-  trainer = trainer_lib.Trainer(tiny_config("model.dtype='bfloat16'"), str(tmp_path))
-  state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
-  assert np.isfinite(float(metrics["loss"]))
-  assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    trainer = trainer_lib.Trainer(tiny_config("model.dtype='bfloat16'"), str(tmp_path))
+    state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
+    assert np.isfinite(float(metrics["loss"]))
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}

@@ -1,4 +1,5 @@
 """Shared layers and ViT: shapes, logical axes, scan/remat equivalence, attention, posemb, training."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,15 +23,19 @@ def init(model, x=X):
 def stack_blocks(params):
     """Unscanned block_{i} params -> the scanned `blocks` layout (leading layers axis)."""
     p = params['params']
-    blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *[p['encoder'][f'block_{i}'] for i in range(TINY['depth'])])
+    blocks = jax.tree.map(
+        lambda *xs: jnp.stack(xs), *[p['encoder'][f'block_{i}'] for i in range(TINY['depth'])]
+    )
     return {'params': {**p, 'encoder': {'blocks': blocks}}}
 
 
 def value_and_grad(model, params):
     """((sum(out**2), out), grads) of model.apply(params, X), jitted."""
+
     def loss(p):
         out = model.apply(p, X)[0]
-        return jnp.sum(out ** 2), out
+        return jnp.sum(out**2), out
+
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
@@ -43,8 +48,8 @@ def ref():
 
 @pytest.mark.parametrize('pool', ['gap', 'cls', 'map', 'none'])
 def test_shapes(pool):
-    for class_token in ([True] if pool == 'cls' else [False, True]):
-        for num_classes in ([0] if pool == 'none' else [0, 5]):
+    for class_token in [True] if pool == 'cls' else [False, True]:
+        for num_classes in [0] if pool == 'none' else [0, 5]:
             model = ViT(**TINY, pool=pool, class_token=class_token, num_classes=num_classes)
             variables = jax.eval_shape(model.init, jax.random.key(0), X)
             out, aux = jax.eval_shape(model.apply, variables, X)
@@ -70,7 +75,9 @@ def test_logical_partition_specs(scan):
     boxed = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed), 'every param must carry logical axes'
     specs = nn.get_partition_spec(abstract)
-    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    flat = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )[0]
     shapes = jax.tree.leaves(nn.unbox(abstract))
     for (path, spec), shape in zip(flat, shapes):
         assert len(spec) == len(shape.shape) and set(spec) <= PARAM_NAMES, (path, spec)
@@ -89,7 +96,8 @@ def test_norms_carry_embed_axis():
     for norm in [LayerNorm(), RMSNorm()]:
         specs = nn.get_partition_spec(jax.eval_shape(norm.init, jax.random.key(0), x))['params']
         assert set(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))) == {
-            jax.sharding.PartitionSpec('embed')}
+            jax.sharding.PartitionSpec('embed')
+        }
 
 
 def assert_same_outputs_and_grads(params, model, expected):
@@ -102,10 +110,14 @@ def assert_same_outputs_and_grads(params, model, expected):
 
 def test_scan_is_layout_only(ref):
     params, ((loss, out), grads) = ref
-    assert_same_outputs_and_grads(stack_blocks(params), ViT(**KW, scan=True), ((loss, out), stack_blocks(grads)))
+    assert_same_outputs_and_grads(
+        stack_blocks(params), ViT(**KW, scan=True), ((loss, out), stack_blocks(grads))
+    )
 
 
-@pytest.mark.parametrize('scan,policy', [(False, 'nothing_saveable'), (True, 'dots_with_no_batch_dims_saveable')])
+@pytest.mark.parametrize(
+    'scan,policy', [(False, 'nothing_saveable'), (True, 'dots_with_no_batch_dims_saveable')]
+)
 def test_remat_same_outputs_and_grads(ref, scan, policy):
     params, ((loss, out), grads) = ref
     if scan:
@@ -124,7 +136,10 @@ def test_gqa_matches_naive_reference():
         proj = lambda n: jnp.einsum('btd,dhk->bthk', x, p[n]['kernel']) + p[n]['bias']  # noqa: E731
         q, k, v = proj('q'), jnp.repeat(proj('k'), 2, axis=2), jnp.repeat(proj('v'), 2, axis=2)
         w = jax.nn.softmax(jnp.einsum('bthk,bshk->bhts', q, k) / np.sqrt(8), axis=-1)
-        return jnp.einsum('bthk,hkd->btd', jnp.einsum('bhts,bshk->bthk', w, v), p['out']['kernel']) + p['out']['bias']
+        return (
+            jnp.einsum('bthk,hkd->btd', jnp.einsum('bhts,bshk->bthk', w, v), p['out']['kernel'])
+            + p['out']['bias']
+        )
 
     np.testing.assert_allclose(jax.jit(attn.apply)({'params': p}, x), naive(p, x), atol=1e-5, rtol=1e-5)
 
@@ -161,8 +176,12 @@ def test_mlp_gated_and_activations():
     mlp = Mlp(16, act='silu', gated=True)  # SwiGLU against a hand-written reference
     p = init(mlp, x)['params']
     lin = lambda n, h: h @ p[n]['kernel'] + p[n]['bias']  # noqa: E731
-    np.testing.assert_allclose(jax.jit(mlp.apply)({'params': p}, x),
-                               lin('wo', jax.nn.silu(lin('wg', x)) * lin('wi', x)), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(mlp.apply)({'params': p}, x),
+        lin('wo', jax.nn.silu(lin('wg', x)) * lin('wi', x)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_posemb_interpolation(ref):
@@ -183,7 +202,7 @@ def test_tiny_vit_trains():
     images = rng.uniform(0, 0.2, (16, 32, 32, 3)).astype(np.float32)
     for i, y in enumerate(labels):
         r, c = rng.integers(0, 24), rng.integers(0, 8) + 16 * y
-        images[i, r:r + 8, c:c + 8] = 1.0
+        images[i, r : r + 8, c : c + 8] = 1.0
     model = ViT(**TINY, num_classes=2)
     params = init(model)['params']
     tx = optax.adam(1e-3)
@@ -193,6 +212,7 @@ def test_tiny_vit_trains():
         def loss_fn(p):
             logits, _ = model.apply({'params': p}, images, train=True)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state, loss

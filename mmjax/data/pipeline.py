@@ -7,6 +7,7 @@ deterministic across worker counts, and its iterator state is a few integers tha
 checkpoints with the model. Every record carries `_component` (its component's index) so
 recipes can report per-component losses and tests can check the mixing shares.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,63 +22,70 @@ from mmjax.data import shapes
 
 
 def make_source(comp, image_size: int):
-  """The random-access source a component config names."""
-  if comp.source == "shapes":
-    return shapes.ShapesSource(split=comp.split, view=comp.view, image_size=image_size,
-                               num_records=comp.get("num_records") or None)
-  raise ConfigError(f"data source {comp.source!r} is not available; this version reads the shapes "
-                    "world (source='shapes')")
+    """The random-access source a component config names."""
+    if comp.source == "shapes":
+        return shapes.ShapesSource(
+            split=comp.split,
+            view=comp.view,
+            image_size=image_size,
+            num_records=comp.get("num_records") or None,
+        )
+    raise ConfigError(
+        f"data source {comp.source!r} is not available; this version reads the shapes world (source='shapes')"
+    )
 
 
 class _Tag:
-  """Adds the component index to a preprocessed record (picklable for grain workers)."""
+    """Adds the component index to a preprocessed record (picklable for grain workers)."""
 
-  def __init__(self, fn: Callable, index: int):
-    self.fn, self.index = fn, index
+    def __init__(self, fn: Callable, index: int):
+        self.fn, self.index = fn, index
 
-  def __call__(self, record):
-    return {**self.fn(record), "_component": np.int32(self.index)}
+    def __call__(self, record):
+        return {**self.fn(record), "_component": np.int32(self.index)}
 
 
 def mixture(config, preprocess: Callable[[str], Callable], num_examples: int) -> grain.MapDataset:
-  """The weighted, shuffled, preprocessed mixture of `config.data.components`.
+    """The weighted, shuffled, preprocessed mixture of `config.data.components`.
 
-  `num_examples` is how many mixed examples the run will draw; each component repeats
-  for enough epochs (reshuffled every epoch) to supply them.
-  """
-  names = sorted(config.data.components)
-  datasets, weights = [], []
-  for i, name in enumerate(names):
-    comp = config.data.components[name]
-    ds = grain.MapDataset.source(make_source(comp, config.data.image_size))
-    epochs = math.ceil(num_examples / len(ds)) + 1
-    ds = ds.repeat(epochs).shuffle(seed=config.seed + 1000 * i)
-    datasets.append(ds.map(_Tag(preprocess(name), i)))
-    weights.append(comp.weight)
-  return grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
+    `num_examples` is how many mixed examples the run will draw; each component repeats
+    for enough epochs (reshuffled every epoch) to supply them.
+    """
+    names = sorted(config.data.components)
+    datasets, weights = [], []
+    for i, name in enumerate(names):
+        comp = config.data.components[name]
+        ds = grain.MapDataset.source(make_source(comp, config.data.image_size))
+        epochs = math.ceil(num_examples / len(ds)) + 1
+        ds = ds.repeat(epochs).shuffle(seed=config.seed + 1000 * i)
+        datasets.append(ds.map(_Tag(preprocess(name), i)))
+        weights.append(comp.weight)
+    return grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
 
 
 def train_dataset(config, preprocess: Callable[[str], Callable]) -> grain.MapDataset:
-  """`train.steps` per-process batches (this process's share of each global batch)."""
-  steps, gb = config.train.steps, config.data.global_batch_size
-  ds = mixture(config, preprocess, steps * gb)
-  ds = ds[jax.process_index()::jax.process_count()]
-  return ds.batch(gb // jax.process_count(), drop_remainder=True)[:steps]
+    """`train.steps` per-process batches (this process's share of each global batch)."""
+    steps, gb = config.train.steps, config.data.global_batch_size
+    ds = mixture(config, preprocess, steps * gb)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    return ds.batch(gb // jax.process_count(), drop_remainder=True)[:steps]
 
 
 def to_iter(ds: grain.MapDataset, num_workers: int, prefetch: int = 2) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
-  if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
-  return it
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
+        )
+    return it
 
 
 def eval_dataset(spec, image_size: int, preprocess: Callable) -> grain.MapDataset:
-  """A finite, unshuffled evaluation stream: `spec.num_examples` examples in global batches."""
-  source = make_source(spec, image_size)
-  n = min(spec.num_examples, len(source))
-  if n % spec.batch_size:
-    raise ConfigError(f"eval num_examples={n} must be a multiple of its batch_size={spec.batch_size}")
-  ds = grain.MapDataset.source(source)[:n].map(preprocess)
-  ds = ds[jax.process_index()::jax.process_count()]
-  return ds.batch(spec.batch_size // jax.process_count(), drop_remainder=True)
+    """A finite, unshuffled evaluation stream: `spec.num_examples` examples in global batches."""
+    source = make_source(spec, image_size)
+    n = min(spec.num_examples, len(source))
+    if n % spec.batch_size:
+        raise ConfigError(f"eval num_examples={n} must be a multiple of its batch_size={spec.batch_size}")
+    ds = grain.MapDataset.source(source)[:n].map(preprocess)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    return ds.batch(spec.batch_size // jax.process_count(), drop_remainder=True)

@@ -5,6 +5,7 @@ Modules know logical axis names only; the trainer maps them to a mesh.
   activations: batch, length, act_embed, act_mlp, act_heads, act_kv
 Every module takes `dtype` (compute) and `param_dtype` (storage, default float32).
 """
+
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ class DenseGeneral(nn.Module):
     boxing, which breaks sharding constraints under a mesh). The initializer sees the
     flattened [prod(in), prod(out)] view, so fan-in/out (e.g. xavier) are right.
     """
+
     features: tuple[int, ...]
     kernel_axes: tuple[str | None, ...]
     axis: tuple[int, ...] = (-1,)
@@ -44,38 +46,63 @@ class DenseGeneral(nn.Module):
         def init(rng, shape, dtype):
             return self.kernel_init(rng, (n_in, n_out), dtype).reshape(shape)
 
-        kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
-                            in_shape + self.features, self.param_dtype)
+        kernel = self.param(
+            'kernel',
+            nn.with_logical_partitioning(init, self.kernel_axes),
+            in_shape + self.features,
+            self.param_dtype,
+        )
         x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
         y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
         if self.use_bias:
-            bias_axes = self.kernel_axes[len(axis):]
-            bias = self.param('bias', nn.with_logical_partitioning(self.bias_init, bias_axes),
-                              self.features, self.param_dtype)
+            bias_axes = self.kernel_axes[len(axis) :]
+            bias = self.param(
+                'bias',
+                nn.with_logical_partitioning(self.bias_init, bias_axes),
+                self.features,
+                self.param_dtype,
+            )
             y = y + jnp.asarray(bias, self.dtype)
         return y
 
 
-def dense(features: int | Sequence[int], kernel_axes: Sequence[str | None], *, axis: int | Sequence[int] = -1,
-          use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init: Initializer = default_kernel_init, bias_init: Initializer = nn.initializers.zeros,
-          name: str | None = None) -> DenseGeneral:
+def dense(
+    features: int | Sequence[int],
+    kernel_axes: Sequence[str | None],
+    *,
+    axis: int | Sequence[int] = -1,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = nn.initializers.zeros,
+    name: str | None = None,
+) -> DenseGeneral:
     """A `DenseGeneral` whose kernel carries `kernel_axes` (input axes, then output axes);
     the bias takes the output part."""
     return DenseGeneral(
-        features=(features,) if isinstance(features, int) else tuple(features), kernel_axes=tuple(kernel_axes),
-        axis=(axis,) if isinstance(axis, int) else tuple(axis), use_bias=use_bias, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)
+        features=(features,) if isinstance(features, int) else tuple(features),
+        kernel_axes=tuple(kernel_axes),
+        axis=(axis,) if isinstance(axis, int) else tuple(axis),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+    )
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm with `scale`/`bias` on the `embed` axis (pass scale_init/bias_init to change)."""
+
     scale_init: Initializer = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
     bias_init: Initializer = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
 
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm with `scale` on the `embed` axis."""
+
     scale_init: Initializer = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
 
 
@@ -94,6 +121,7 @@ def _constrain(x: jax.Array, feature_axis: str) -> jax.Array:
 
 class Mlp(nn.Module):
     """`wi` (embed->mlp) -> act -> dropout -> `wo` (mlp->embed); gated adds `wg`: act(wg x) * wi x (SwiGLU)."""
+
     mlp_dim: int
     out_dim: int | None = None  # default: input width
     act: str = 'gelu'
@@ -107,8 +135,13 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernel_init=self.kernel_init, bias_init=self.bias_init)
+        kw = dict(
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+        )
         act = ACTIVATIONS[self.act]
         h = dense(self.mlp_dim, ('embed', 'mlp'), name='wi', **kw)(x)
         h = act(dense(self.mlp_dim, ('embed', 'mlp'), name='wg', **kw)(x)) * h if self.gated else act(h)
@@ -123,6 +156,7 @@ class Attention(nn.Module):
     Kernels: q/k/v [embed, heads, kv], out [heads, kv, embed]. The core is
     `jax.nn.dot_product_attention` (default implementation, so GPUs may pick cuDNN).
     """
+
     num_heads: int
     num_kv_heads: int | None = None  # None: = num_heads; must divide num_heads (GQA/MQA)
     head_dim: int | None = None  # None: input width // num_heads
@@ -134,10 +168,16 @@ class Attention(nn.Module):
     kernel_init: Initializer = default_kernel_init
 
     @nn.compact
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
-                 mask: jax.Array | None = None, bias: jax.Array | None = None, is_causal: bool = False,
-                 qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
-                 ) -> jax.Array:
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        is_causal: bool = False,
+        qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    ) -> jax.Array:
         """inputs_q [B, T, Dq], inputs_kv [B, S, Dkv] (None: self-attention) -> [B, T, out_dim].
 
         mask: bool, broadcastable to [B, heads, T, S] (True = attend); bias: additive logits bias.
@@ -147,8 +187,14 @@ class Attention(nn.Module):
         head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
         kv_heads = self.num_kv_heads or self.num_heads
         proj = lambda heads, name, x: dense(  # noqa: E731
-            (heads, head_dim), ('embed', 'heads', 'kv'), use_bias=self.qkv_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)(x)
+            (heads, head_dim),
+            ('embed', 'heads', 'kv'),
+            use_bias=self.qkv_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            name=name,
+        )(x)
         names = ('batch', 'length', 'act_heads', 'act_kv')
         q = nn.with_logical_constraint(proj(self.num_heads, 'q', inputs_q), names)
         k = nn.with_logical_constraint(proj(kv_heads, 'k', inputs_kv), names)
@@ -157,14 +203,22 @@ class Attention(nn.Module):
             q, k = qk_fn(q, k)
         x = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
         x = nn.with_logical_constraint(x, names)
-        out = dense(self.out_dim or inputs_q.shape[-1], ('heads', 'kv', 'embed'), axis=(-2, -1),
-                    use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=self.kernel_init, name='out')(x)
+        out = dense(
+            self.out_dim or inputs_q.shape[-1],
+            ('heads', 'kv', 'embed'),
+            axis=(-2, -1),
+            use_bias=self.out_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            name='out',
+        )(x)
         return _constrain(out, 'act_embed')
 
 
-def sincos2d_posemb(h: int, w: int, width: int, temperature: float = 10_000.0,
-                    dtype: Dtype = jnp.float32) -> jax.Array:
+def sincos2d_posemb(
+    h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Dtype = jnp.float32
+) -> jax.Array:
     """Fixed 2D sin-cos position embedding (MoCo v3 / big_vision layout) -> [h*w, width], row-major grid."""
     assert width % 4 == 0, 'width must be a multiple of 4 for sincos2d'
     y, x = jnp.mgrid[:h, :w]
@@ -174,8 +228,9 @@ def sincos2d_posemb(h: int, w: int, width: int, temperature: float = 10_000.0,
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1).astype(dtype)
 
 
-def interpolate_posemb(posemb: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int],
-                       method: str = 'bilinear') -> jax.Array:
+def interpolate_posemb(
+    posemb: jax.Array, old_hw: tuple[int, int], new_hw: tuple[int, int], method: str = 'bilinear'
+) -> jax.Array:
     """Resize a grid position embedding [old_h*old_w, D] -> [new_h*new_w, D] (jax.image.resize,
     half-pixel centres, antialiased when shrinking). Identity when the grids match."""
     if tuple(old_hw) == tuple(new_hw):

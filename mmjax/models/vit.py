@@ -11,6 +11,7 @@ leading `layers` axis of size depth):
   map_head/{probe [1, D], attn, ln, mlp}    pool='map' only
   head/{kernel [D, num_classes], bias}      num_classes > 0 only
 """
+
 from typing import Any
 
 import einops
@@ -25,6 +26,7 @@ Dtype = Any
 
 class EncoderBlock(nn.Module):
     """Pre-norm block: x + attn(ln_1(x)); x + mlp(ln_2(x)). Returns (x, None) so nn.scan can carry it."""
+
     num_heads: int
     mlp_dim: int
     act: str = 'gelu'
@@ -42,12 +44,14 @@ class EncoderBlock(nn.Module):
         x = x + drop(Attention(num_heads=self.num_heads, name='attn', **kw)(y))
         y = LayerNorm(epsilon=self.layer_norm_eps, name='ln_2', **kw)(x)
         y = Mlp(self.mlp_dim, act=self.act, dropout=self.dropout, name='mlp', **kw)(
-            y, deterministic=self.deterministic)
+            y, deterministic=self.deterministic
+        )
         return nn.with_logical_constraint(x + drop(y), ('batch', 'length', 'act_embed')), None
 
 
 class Encoder(nn.Module):
     """`depth` EncoderBlocks, optionally nn.scan'ed (`layers` param axis) and/or rematerialised."""
+
     depth: int
     block: dict  # EncoderBlock kwargs
     scan: bool = False
@@ -57,11 +61,17 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         block_cls = EncoderBlock
         if self.remat:
-            block_cls = nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, self.remat),
-                                 prevent_cse=not self.scan)
+            block_cls = nn.remat(
+                block_cls, policy=getattr(jax.checkpoint_policies, self.remat), prevent_cse=not self.scan
+            )
         if self.scan:
-            block_cls = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                                length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+            block_cls = nn.scan(
+                block_cls,
+                variable_axes={'params': 0},
+                split_rngs={'params': True, 'dropout': True},
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )
             return block_cls(**self.block, name='blocks')(x)[0]
         for i in range(self.depth):
             x, _ = block_cls(**self.block, name=f'block_{i}')(x)
@@ -70,6 +80,7 @@ class Encoder(nn.Module):
 
 class MAPHead(nn.Module):
     """Multihead attention pooling with one learned probe (big_vision / SigLIP)."""
+
     num_heads: int
     mlp_dim: int
     act: str = 'gelu'
@@ -80,8 +91,12 @@ class MAPHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        probe = self.param('probe', nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, 'embed')),
-                           (1, x.shape[-1]), self.param_dtype)
+        probe = self.param(
+            'probe',
+            nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, 'embed')),
+            (1, x.shape[-1]),
+            self.param_dtype,
+        )
         probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
         x = Attention(num_heads=self.num_heads, name='attn', **kw)(probe, x)
         y = LayerNorm(epsilon=self.layer_norm_eps, name='ln', **kw)(x)
@@ -95,6 +110,7 @@ class ViT(nn.Module):
     patch_size; a learned posemb is bilinearly resized when the apply-time grid differs from init.
     CLIP import: fold CLIP's class-token position row into `cls` (posemb here covers patches only).
     """
+
     patch_size: int = 16
     width: int = 768
     depth: int = 12
@@ -128,11 +144,19 @@ class ViT(nn.Module):
         x = einops.rearrange(images.astype(self.dtype), 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)', p1=p, p2=p)
         x = dense(d, ('patch', 'embed'), name='embedding', **kw)(x)
         if self.posemb == 'learn':
-            if self.has_variable('params', 'pos_embedding'):  # apply: stored grid may differ from this input's
+            if self.has_variable(
+                'params', 'pos_embedding'
+            ):  # apply: stored grid may differ from this input's
                 pe = nn.unbox(self.get_variable('params', 'pos_embedding'))
             else:
-                pe = self.param('pos_embedding', nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=d ** -0.5), (None, None, 'embed')), (gh, gw, d), self.param_dtype)
+                pe = self.param(
+                    'pos_embedding',
+                    nn.with_logical_partitioning(
+                        nn.initializers.normal(stddev=d**-0.5), (None, None, 'embed')
+                    ),
+                    (gh, gw, d),
+                    self.param_dtype,
+                )
             pe = interpolate_posemb(pe.reshape(-1, d), pe.shape[:2], (gh, gw))
         elif self.posemb == 'sincos2d':
             pe = sincos2d_posemb(gh, gw, d)
@@ -140,34 +164,52 @@ class ViT(nn.Module):
             raise ValueError(f'unknown posemb {self.posemb!r}')
         x = x + pe.astype(self.dtype)[None]
         if self.class_token:
-            cls = self.param('cls', nn.with_logical_partitioning(nn.initializers.zeros, (None, 'embed')),
-                             (1, d), self.param_dtype)
+            cls = self.param(
+                'cls',
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, 'embed')),
+                (1, d),
+                self.param_dtype,
+            )
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d)), x], axis=1)
         if self.pre_norm:
             x = LayerNorm(epsilon=self.layer_norm_eps, name='ln_pre', **kw)(x)
         x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * d, act=self.act,
-                     layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, deterministic=not train, **kw)
+        block = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim or 4 * d,
+            act=self.act,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout=self.dropout,
+            deterministic=not train,
+            **kw,
+        )
         x = Encoder(self.depth, block, scan=self.scan, remat=self.remat, name='encoder')(x)
         x = LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)(x)
 
-        aux = {'patches': x[:, int(self.class_token):]}
+        aux = {'patches': x[:, int(self.class_token) :]}
         if self.pool == 'gap':
             aux['pooled'] = aux['patches'].mean(axis=1)
         elif self.pool == 'cls':
             aux['pooled'] = x[:, 0]
         elif self.pool == 'map':
-            aux['pooled'] = MAPHead(self.num_heads, self.mlp_dim or 4 * d, act=self.act,
-                                    layer_norm_eps=self.layer_norm_eps, name='map_head', **kw)(aux['patches'])
+            aux['pooled'] = MAPHead(
+                self.num_heads,
+                self.mlp_dim or 4 * d,
+                act=self.act,
+                layer_norm_eps=self.layer_norm_eps,
+                name='map_head',
+                **kw,
+            )(aux['patches'])
         elif self.pool != 'none':
             raise ValueError(f'unknown pool {self.pool!r}')
         if self.pool == 'none':
             return aux['patches'], aux
         if self.num_classes:
             kinit = nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal()
-            aux['logits'] = dense(self.num_classes, ('embed', 'vocab'), kernel_init=kinit, name='head',
-                                  **kw)(aux['pooled'])
+            aux['logits'] = dense(self.num_classes, ('embed', 'vocab'), kernel_init=kinit, name='head', **kw)(
+                aux['pooled']
+            )
             return aux['logits'], aux
         return aux['pooled'], aux

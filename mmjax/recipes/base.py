@@ -1,5 +1,6 @@
 """What a recipe hands the trainer: its model's init, per-component preprocessing, a loss
 returning (loss, metrics), and evaluators. The trainer owns everything else."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,34 +12,35 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """An evaluation: data, a jitted per-batch step, and a host-side summary.
+    """An evaluation: data, a jitted per-batch step, and a host-side summary.
 
-  `data` is a component-like config (source, split, view, num_examples, batch_size);
-  `step(params, batch)` returns arrays with a leading batch axis (or scalars to sum);
-  `finalize(outputs)` turns the concatenated per-example outputs into a dict of floats.
-  """
-  data: Any
-  preprocess: Callable[[dict], dict]
-  step: Callable[[Any, dict], dict]
-  finalize: Callable[[dict[str, np.ndarray]], dict[str, float]]
+    `data` is a component-like config (source, split, view, num_examples, batch_size);
+    `step(params, batch)` returns arrays with a leading batch axis (or scalars to sum);
+    `finalize(outputs)` turns the concatenated per-example outputs into a dict of floats.
+    """
+
+    data: Any
+    preprocess: Callable[[dict], dict]
+    step: Callable[[Any, dict], dict]
+    finalize: Callable[[dict[str, np.ndarray]], dict[str, float]]
 
 
 class Recipe:
-  """Base class: subclasses set `self.config` and implement the four methods."""
+    """Base class: subclasses set `self.config` and implement the four methods."""
 
-  def __init__(self, config):
-    self.config = config
+    def __init__(self, config):
+        self.config = config
 
-  def init(self, rng: jax.Array):
-    """The 'params' collection, with logical-axis metadata (boxed)."""
-    raise NotImplementedError
+    def init(self, rng: jax.Array):
+        """The 'params' collection, with logical-axis metadata (boxed)."""
+        raise NotImplementedError
 
-  def preprocess(self, component: str) -> Callable[[dict], dict]:
-    """A picklable record -> dict-of-arrays function for one data component."""
-    raise NotImplementedError
+    def preprocess(self, component: str) -> Callable[[dict], dict]:
+        """A picklable record -> dict-of-arrays function for one data component."""
+        raise NotImplementedError
 
-  def loss(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    raise NotImplementedError
+    def loss(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        raise NotImplementedError
 
-  def evaluators(self) -> dict[str, Evaluator]:
-    return {}
+    def evaluators(self) -> dict[str, Evaluator]:
+        return {}

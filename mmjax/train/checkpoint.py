@@ -6,6 +6,7 @@ renaming), so a killed process never leaves a half-written checkpoint that a res
 would read. Restores take the target shardings of the *current* mesh, so a run saved on
 one mesh shape continues on another.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,45 +17,49 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
+    def __init__(self, workdir: str, keep: int, keep_period: int = 0, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            keep_period=keep_period or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
+        )
 
-  def __init__(self, workdir: str, keep: int, keep_period: int = 0, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, keep_period=keep_period or None,
-        enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    def save(self, step: int, state, data_iter=None, config: dict | None = None, force=False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def save(self, step: int, state, data_iter=None, config: dict | None = None, force=False) -> bool:
-    items = {"state": ocp.args.StandardSave(state)}
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    if config is not None:
-      items["config"] = ocp.args.JsonSave(config)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    def restore(self, abstract_state, data_iter=None, step: int | None = None):
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        step = self.latest_step() if step is None else step
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], step
 
-  def restore(self, abstract_state, data_iter=None, step: int | None = None):
-    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    step = self.latest_step() if step is None else step
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], step
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
 
-  def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
+    def wait(self):
+        self.manager.wait_until_finished()
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 def abstract_with_shardings(abstract_tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_tree, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+    )

@@ -5,6 +5,7 @@ Parameters are addressed by their flattened names (`ViT/block_0/attn/query/kerne
 Frozen parameters are not handed to the optimizer at all, so they get no gradient and no
 optimizer state; the trainer differentiates only the trainable ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,57 +20,63 @@ from mmjax.config import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  tx: optax.GradientTransformation
-  schedule: Callable  # step -> base learning rate
-  trainable: tuple[str, ...]
-  groups: dict[str, str]  # trainable name -> group label
+    tx: optax.GradientTransformation
+    schedule: Callable  # step -> base learning rate
+    trainable: tuple[str, ...]
+    groups: dict[str, str]  # trainable name -> group label
 
 
 def schedule(cfg, total_steps: int) -> Callable:
-  floor = cfg.lr * cfg.lr_floor
-  if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup_steps, max(total_steps, cfg.warmup_steps + 1), floor)
-  if cfg.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
-        [cfg.warmup_steps])
-  raise ConfigError(f"optim.schedule={cfg.schedule!r}; choose cosine or constant")
+    floor = cfg.lr * cfg.lr_floor
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, cfg.warmup_steps, max(total_steps, cfg.warmup_steps + 1), floor
+        )
+    if cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
+            [cfg.warmup_steps],
+        )
+    raise ConfigError(f"optim.schedule={cfg.schedule!r}; choose cosine or constant")
 
 
 def _base(cfg, lr) -> optax.GradientTransformation:
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # no decay on norms/biases
-  if cfg.name == "adamw":
-    return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-  if cfg.name == "lamb":
-    return optax.lamb(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-  if cfg.name == "adafactor":
-    return optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
-  raise ConfigError(f"optim.name={cfg.name!r}; choose adamw, lamb or adafactor")
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # no decay on norms/biases
+    if cfg.name == "adamw":
+        return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.name == "lamb":
+        return optax.lamb(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.name == "adafactor":
+        return optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
+    raise ConfigError(f"optim.name={cfg.name!r}; choose adamw, lamb or adafactor")
 
 
 def build(cfg, param_names, total_steps: int) -> Optimizer:
-  """The optax transformation over the trainable parameters (a flat name -> array dict)."""
-  names = list(param_names)
-  frozen = set()
-  for pattern in cfg.freeze:
-    hit = parallel.match(pattern, names)
-    if not hit:
-      raise ConfigError(f"optim.freeze pattern {pattern!r} matches no parameter; names look like {names[0]!r}")
-    frozen.update(hit)
-  trainable = tuple(n for n in names if n not in frozen)
-  if not trainable:
-    raise ConfigError("optim.freeze freezes every parameter; nothing would train")
-  labels = dict.fromkeys(trainable, "default")
-  mults = {"default": 1.0}
-  for i, (pattern, mult) in enumerate(cfg.groups):
-    hit = [n for n in parallel.match(pattern, trainable) if labels[n] == "default"]
-    if not hit:
-      raise ConfigError(f"optim.groups[{i}] pattern {pattern!r} matches no trainable parameter")
-    labels.update(dict.fromkeys(hit, f"group_{i}"))
-    mults[f"group_{i}"] = float(mult)
-  sched = schedule(cfg, total_steps)
-  per_group = {g: _base(cfg, (lambda s, m=m: m * sched(s)) if m != 1.0 else sched) for g, m in mults.items()}
-  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  tx = optax.chain(*parts, optax.multi_transform(per_group, lambda params: {n: labels[n] for n in params}))
-  return Optimizer(tx, sched, trainable, labels)
+    """The optax transformation over the trainable parameters (a flat name -> array dict)."""
+    names = list(param_names)
+    frozen = set()
+    for pattern in cfg.freeze:
+        hit = parallel.match(pattern, names)
+        if not hit:
+            raise ConfigError(
+                f"optim.freeze pattern {pattern!r} matches no parameter; names look like {names[0]!r}"
+            )
+        frozen.update(hit)
+    trainable = tuple(n for n in names if n not in frozen)
+    if not trainable:
+        raise ConfigError("optim.freeze freezes every parameter; nothing would train")
+    labels = dict.fromkeys(trainable, "default")
+    mults = {"default": 1.0}
+    for i, (pattern, mult) in enumerate(cfg.groups):
+        hit = [n for n in parallel.match(pattern, trainable) if labels[n] == "default"]
+        if not hit:
+            raise ConfigError(f"optim.groups[{i}] pattern {pattern!r} matches no trainable parameter")
+        labels.update(dict.fromkeys(hit, f"group_{i}"))
+        mults[f"group_{i}"] = float(mult)
+    sched = schedule(cfg, total_steps)
+    per_group = {
+        g: _base(cfg, (lambda s, m=m: m * sched(s)) if m != 1.0 else sched) for g, m in mults.items()
+    }
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    tx = optax.chain(*parts, optax.multi_transform(per_group, lambda params: {n: labels[n] for n in params}))
+    return Optimizer(tx, sched, trainable, labels)
