@@ -201,7 +201,7 @@ def test_train_then_eval_cli(tmp_path):
     ev = run_mmjax("eval", "--config", TINY, "--workdir", workdir, "--config.evals.val.num_examples=128")
     assert "val/scene_accuracy" in ev.stdout and "step 10" in ev.stdout
     assert os.path.exists(os.path.join(workdir, "eval", "step_10.json"))
-    assert "val/label_accuracy" in out.stdout
+    assert "val/f1" in out.stdout
 
 
 def test_bf16_compute_keeps_fp32_params(tmp_path, tiny_config):

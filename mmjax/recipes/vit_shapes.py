@@ -63,15 +63,27 @@ class Recipe(BaseRecipe):
 
     def evaluators(self):
         def step(params, batch):
-            logits = self.logits(params, batch["image"])
-            pred = logits > 0
+            pred, true = self.logits(params, batch["image"]) > 0, batch["labels"] > 0.5
             return {
-                "label_correct": (pred == (batch["labels"] > 0.5)).mean(-1),
-                "scene_correct": (pred == (batch["labels"] > 0.5)).all(-1),
+                "tp": (pred & true).sum(-1),
+                "fp": (pred & ~true).sum(-1),
+                "fn": (~pred & true).sum(-1),
+                "scene_correct": (pred == true).all(-1),
             }
 
-        finalize = lambda out: {k.replace("_correct", "_accuracy"): v.mean() for k, v in out.items()}
-        return {name: Evaluator(spec, preprocess, step, finalize) for name, spec in self.config.evals.items()}
+        return {name: Evaluator(spec, preprocess, step, _summary) for name, spec in self.config.evals.items()}
+
+
+def _summary(out: dict) -> dict:
+    """Micro precision / recall / F1 over present (colour, shape) pairs, and exact scenes."""
+    tp, fp, fn = (float(out[k].sum()) for k in ("tp", "fp", "fn"))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-9),
+        "scene_accuracy": float(out["scene_correct"].mean()),
+    }
 
 
 def _accuracy(logits, labels):

@@ -133,7 +133,7 @@ class Trainer:
         trainable = {n: flat[n] for n in self.opt.trainable}
         frozen = {n: v for n, v in flat.items() if n not in trainable}
         loss, metrics, grads = self._loss_and_grads(trainable, frozen, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         decay = self.config.train.ema_decay
 
