@@ -15,6 +15,9 @@ def get_config(arg=None):
     c.evals.val = C.component(split="val", view="image", num_examples=512, batch_size=64)
     c.train.ema_decay = 0.0
     if variant == "tiny":
+        # 4096 rendered records held in memory (~12 MB): rendering on the fly would cost the
+        # 2-core CI host more than the train step itself (BENCHMARKS.md, input pipeline).
+        c.data.components.shapes.update(num_records=4096, cache=True)
         c.model = dict(
             patch_size=4,
             width=64,

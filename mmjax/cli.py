@@ -2,6 +2,8 @@
 
   mmjax train --config configs/NAME.py[:VARIANT] --workdir DIR [--config.key.sub=VALUE ...]
   mmjax eval  --config configs/NAME.py[:VARIANT] --workdir DIR [--config.key.sub=VALUE ...]
+  mmjax convert hf-import SRC DST   # local HF folder (safetensors) -> mmjax weights (config.init)
+  mmjax convert hf-export SRC DST   # mmjax LLM weights -> a folder transformers loads
 
 `train` resumes from the latest checkpoint in DIR when there is one. `eval` runs the
 recipe's evaluators on the latest checkpoint and prints and saves their table
@@ -28,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="configs/NAME.py[:VARIANT]")
         p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tb/")
+    p = sub.add_parser("convert", help="convert weights between Hugging Face and mmjax")
+    p.add_argument("direction", choices=["hf-import", "hf-export"])
+    p.add_argument("src")
+    p.add_argument("dst")
     return parser
 
 
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from absl import flags  # grain's worker processes read absl flags
 
     flags.FLAGS.mark_as_parsed()
+    if args.command == "convert":
+        return convert(args.direction, args.src, args.dst)
     from mmjax import config as config_lib, parallel  # heavy imports after argument parsing
     from mmjax.train import trainer as trainer_lib
 
@@ -64,6 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except trainer_lib.Preempted as e:
         return e.code
+    return 0
+
+
+def convert(direction: str, src: str, dst: str) -> int:
+    from mmjax.interop import hf
+
+    try:
+        meta = (hf.hf_import if direction == "hf-import" else hf.hf_export)(src, dst)
+    except (hf.ConversionError, ConfigError) as e:
+        print(f"mmjax convert: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"wrote": os.path.abspath(dst), **{k: v for k, v in meta.items() if k != "model"}}))
     return 0
 
 

@@ -154,10 +154,24 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]
             raise ConfigError(
                 f"data.components.{name}.source={comp.source!r}; available: {', '.join(DATA_SOURCES)}"
             )
+        if comp.get("cache") and not comp.get("num_records"):
+            raise ConfigError(
+                f"data.components.{name}.cache=True needs a finite data.components.{name}.num_records "
+                f"(how many records to hold in memory)"
+            )
         if comp.get("path") and not os.path.exists(os.path.expanduser(comp.path)):
             raise ConfigError(
                 f"data.components.{name}.path={comp.path!r} does not exist; point it at the local "
                 f"data (mmjax never downloads) or drop the component"
+            )
+    for name, spec in config.get("init", {}).items():
+        unknown = set(spec) - {"path", "into", "skip"}
+        if unknown:
+            raise ConfigError(f"init.{name} has unknown keys {sorted(unknown)}; use path, into, skip")
+        if not os.path.exists(os.path.join(os.path.expanduser(spec.get("path", "")), "mmjax.json")):
+            raise ConfigError(
+                f"init.{name}.path={spec.get('path')!r} is not an mmjax weights folder; make one with "
+                f"`mmjax convert hf-import SRC DST` or fix the path"
             )
     if config.optim.name not in ("adamw", "lamb", "adafactor"):
         raise ConfigError(f"optim.name={config.optim.name!r}; choose adamw, lamb or adafactor")
@@ -194,6 +208,8 @@ def base() -> ml_collections.ConfigDict:
         dict(
             global_batch_size=32,
             image_size=32,
+            # Worker processes pay off on hosts with spare cores; on a small CPU host they add
+            # start-up and IPC without adding cores (BENCHMARKS.md, input pipeline).
             num_workers=0,
             prefetch=2,
             components=ml_collections.ConfigDict(),
@@ -229,16 +245,36 @@ def base() -> ml_collections.ConfigDict:
         )
     )
     c.evals = ml_collections.ConfigDict()
+    # Pretrained weights (mmjax/train/pretrained.py): name -> dict(path, into, skip).
+    c.init = ml_collections.ConfigDict()
     c.debug = ml_collections.ConfigDict(dict(kill_at_step=-1, kill_signal="SIGKILL"))
     return c
 
 
 def component(
-    source="shapes", split="train", view="image", weight=1.0, path="", num_records=0, **extra
+    source="shapes",
+    split="train",
+    view="image",
+    weight=1.0,
+    path="",
+    num_records=0,
+    cache=False,
+    **extra,
 ) -> ml_collections.ConfigDict:
-    """One named data source of a mixture (or an evaluation's data)."""
+    """One named data source of a mixture (or an evaluation's data).
+
+    `cache=True` reads the component's `num_records` records once and serves them from memory
+    (for sources that fit in RAM and cost more to produce than to keep, like rendered shapes).
+    """
     return ml_collections.ConfigDict(
         dict(
-            source=source, split=split, view=view, weight=weight, path=path, num_records=num_records, **extra
+            source=source,
+            split=split,
+            view=view,
+            weight=weight,
+            path=path,
+            num_records=num_records,
+            cache=cache,
+            **extra,
         )
     )

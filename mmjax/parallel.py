@@ -66,4 +66,6 @@ def match(pattern: str, names) -> list[str]:
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles this process's slice of the batch into global arrays."""
+    if jax.process_count() == 1:  # one transfer for the whole dict
+        return jax.device_put(local, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

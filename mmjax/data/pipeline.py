@@ -21,15 +21,33 @@ from mmjax.config import ConfigError
 from mmjax.data import shapes
 
 
+class InMemory:
+    """A random-access source read once into memory (`component.cache=True`)."""
+
+    def __init__(self, source):
+        self.records = [source[i] for i in range(len(source))]
+        self.name = repr(source)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx):
+        return self.records[idx]
+
+    def __repr__(self) -> str:
+        return f"InMemory({self.name})"
+
+
 def make_source(comp, image_size: int):
     """The random-access source a component config names."""
     if comp.source == "shapes":
-        return shapes.ShapesSource(
+        source = shapes.ShapesSource(
             split=comp.split,
             view=comp.view,
             image_size=image_size,
             num_records=comp.get("num_records") or None,
         )
+        return InMemory(source) if comp.get("cache") else source
     raise ConfigError(
         f"data source {comp.source!r} is not available; this version reads the shapes world (source='shapes')"
     )

@@ -550,7 +550,8 @@ class ShapesSource:
         if not 0 <= idx < self.num_records:
             raise IndexError(f'record {idx} out of range for {self!r}')
         rec = {'index': np.int64(idx), 'split': self.split}
-        rng = _rng(self.seed, self.split, idx, 1)  # text stream; scenes use their own streams
+        # the text stream; scenes use their own streams, so the image view needs none
+        rng = _rng(self.seed, self.split, idx, 1) if self.view != 'image' else None
         if self.view in ('interleaved', 'text'):
             extra = _rng(self.seed, self.split, idx, 2)
             k = self.images_per_doc if self.view == 'interleaved' else int(rng.integers(2, 5))

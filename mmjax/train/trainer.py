@@ -29,7 +29,7 @@ from mmjax import parallel, recipes
 from mmjax.data import pipeline
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import optim, state as state_lib
+from mmjax.train import optim, pretrained, state as state_lib
 
 log = logging.getLogger("mmjax")
 
@@ -64,8 +64,12 @@ class Trainer:
             yield
 
     # ---- state -------------------------------------------------------------------------
-    def _init_state(self, rng):
+    def _init_state(self, rng, pretrained_params=None):
         params = nn.unbox(self.recipe.init(rng))
+        if pretrained_params:
+            flat = parallel.flat(params)
+            loaded = {n: v.astype(flat[n].dtype) for n, v in pretrained_params.items()}
+            params = parallel.unflat({**flat, **loaded})
         return state_lib.create(params, self.opt.tx, self.opt.trainable, self.config.train.ema_decay > 0)
 
     def _state_shardings(self, abstract_state):
@@ -91,8 +95,18 @@ class Trainer:
         )
 
     def init_state(self):
+        """Fresh state, with the weights `config.init` names put in place."""
+        loaded = {}
+        for name, spec in self.config.init.items():
+            loaded.update(pretrained.overlay(self.abstract_params, name, spec))
+        shardings = parallel.flat(self.state_shardings.params)
+        init = jax.jit(
+            self._init_state,
+            in_shardings=(None, {n: shardings[n] for n in loaded}),
+            out_shardings=self.state_shardings,
+        )
         with self._context():
-            return jax.jit(self._init_state, out_shardings=self.state_shardings)(self.base_key)
+            return init(self.base_key, loaded)
 
     def abstract_state_with_shardings(self):
         return ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
