@@ -62,33 +62,32 @@ def load(path: str) -> tuple[dict, dict]:
 
 
 def overlay(params, name: str, spec) -> dict:
-    """`params` with the weights of `spec` (path, into, skip) put in place; returns a flat dict
-    {name: numpy array} of just the replaced leaves, checked against `params`' shapes."""
+    """The weights of `spec` (path, into, skip) as a flat {full name: numpy array} of the
+    leaves of `params` (abstract is fine) they replace, checked against their shapes."""
     loaded, _ = load(spec.path)
     into = spec.get("into", "").strip("/")
+    prefix = into + "/" if into else ""
     skip = re.compile(spec.skip) if spec.get("skip") else None
-    target = {n: a for n, a in parallel.flat(params).items() if not into or n.startswith(into + "/")}
+    skipped = lambda n: skip is not None and skip.search(n) is not None  # noqa: E731 (loaded-side names)
+    target = {n[len(prefix) :]: a for n, a in parallel.flat(params).items() if n.startswith(prefix)}
     if not target:
         raise ConfigError(f"init.{name}.into={into!r} matches no parameter of this model")
     out = {}
     for n, v in parallel.flat(loaded).items():
-        if skip is not None and skip.search(n):
+        if skipped(n):
             continue
-        full = f"{into}/{n}" if into else n
-        if full not in target:
+        if n not in target:
             raise ConfigError(
-                f"init.{name}: {spec.path} has {n!r} but the model has no {full!r}; check init.{name}.into "
-                f"or add it to init.{name}.skip"
+                f"init.{name}: {spec.path} has {n!r} but the model has no {prefix + n!r}; check "
+                f"init.{name}.into or add it to init.{name}.skip"
             )
-        if tuple(v.shape) != tuple(target[full].shape):
+        if tuple(v.shape) != tuple(target[n].shape):
             raise ConfigError(
-                f"init.{name}: {full!r} is {tuple(v.shape)} in {spec.path} but {tuple(target[full].shape)} "
+                f"init.{name}: {prefix + n!r} is {tuple(v.shape)} in {spec.path} but {tuple(target[n].shape)} "
                 f"in the model; the config's model must match the weights (see {META})"
             )
-        out[full] = v
-    missing = [
-        n for n in target if n not in out and not (skip and skip.search(n[len(into) + 1 :] if into else n))
-    ]
+        out[prefix + n] = v
+    missing = [prefix + n for n in target if prefix + n not in out and not skipped(n)]
     if missing:
         raise ConfigError(
             f"init.{name}: {spec.path} lacks {len(missing)} parameters under {into!r}, e.g. {missing[:3]}; "
