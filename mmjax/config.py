@@ -225,7 +225,8 @@ def base() -> ml_collections.ConfigDict:
             weight_decay=1e-4,
             schedule="cosine",
             warmup_steps=10,
-            lr_floor=0.0,
+            lr_floor=0.0,  # the schedule's end, as a fraction of the peak
+            lr_law="",  # 'mm1': lr and weight_decay from the parameter count (optim.mm1_lr_law)
             clip_norm=1.0,
             groups=(),
             freeze=(),

@@ -9,6 +9,7 @@ optimizer state; the trainer differentiates only the trainable ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -24,6 +25,28 @@ class Optimizer:
     schedule: Callable  # step -> base learning rate
     trainable: tuple[str, ...]
     groups: dict[str, str]  # trainable name -> group label
+
+
+def mm1_lr_law(num_params: int) -> tuple[float, float]:
+    """MM1's (peak learning rate, weight decay) for a model of `num_params` parameters:
+    eta = exp(-0.4214 ln N - 0.5535), decoupled decay lambda = 0.1 eta per step.
+
+    optax's adamw multiplies its weight_decay by the learning rate, so lambda = 0.1 eta is
+    weight_decay = 0.1 here (and it follows the schedule, as in MM1's AXLearn optimizer)."""
+    eta = math.exp(-0.4214 * math.log(num_params) - 0.5535)
+    return eta, 0.1
+
+
+def resolve_lr_law(cfg, num_params: int):
+    """`cfg` with lr and weight_decay set by `cfg.lr_law` ('' keeps them as configured)."""
+    if not cfg.get("lr_law"):
+        return cfg
+    if cfg.lr_law != "mm1":
+        raise ConfigError(f"optim.lr_law={cfg.lr_law!r}; choose '' (use optim.lr) or 'mm1'")
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.lr, cfg.weight_decay = mm1_lr_law(num_params)
+    return cfg
 
 
 def schedule(cfg, total_steps: int) -> Callable:
@@ -51,8 +74,9 @@ def _base(cfg, lr) -> optax.GradientTransformation:
     raise ConfigError(f"optim.name={cfg.name!r}; choose adamw, lamb or adafactor")
 
 
-def build(cfg, param_names, total_steps: int) -> Optimizer:
+def build(cfg, param_names: dict, total_steps: int) -> Optimizer:
     """The optax transformation over the trainable parameters (a flat name -> array dict)."""
+    cfg = resolve_lr_law(cfg, sum(a.size for a in param_names.values()))
     names = list(param_names)
     frozen = set()
     for pattern in cfg.freeze:
