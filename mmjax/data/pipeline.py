@@ -81,16 +81,46 @@ def mixture(config, preprocess: Callable[[str], Callable], num_examples: int) ->
     return grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
 
 
-def train_dataset(config, preprocess: Callable[[str], Callable]) -> grain.MapDataset:
-    """`train.steps` per-process batches (this process's share of each global batch)."""
-    steps, gb = config.train.steps, config.data.global_batch_size
-    ds = mixture(config, preprocess, steps * gb)
+def train_dataset(
+    config, preprocess: Callable[[str], Callable], packing: dict | None = None
+) -> grain.MapDataset | grain.IterDataset:
+    """`train.steps` per-process batches (this process's share of each global batch).
+
+    `packing` ({feature: length}, from the recipe) packs examples first-fit into rows of
+    fixed length (grain's FirstFitPackIterDataset): no example is split or dropped, and each
+    packed feature gains `<feature>_segment_ids` (1, 2, ... per example, 0 = padding) and
+    `<feature>_positions` (restarting per example). The result is then an IterDataset,
+    still deterministic and checkpointable.
+    """
+    steps, local = config.train.steps, config.data.global_batch_size // jax.process_count()
+    # a packed row holds up to max(packing) examples: enough epochs for that too
+    per_row = max(packing.values()) if packing else 1
+    ds = mixture(config, preprocess, steps * config.data.global_batch_size * per_row)
     ds = ds[jax.process_index() :: jax.process_count()]
-    return ds.batch(gb // jax.process_count(), drop_remainder=True)[:steps]
+    if not packing:
+        return ds.batch(local, drop_remainder=True)[:steps]
+    rows = grain.experimental.FirstFitPackIterDataset(
+        _iter(ds, config.data.prefetch),
+        length_struct=dict(packing),
+        num_packing_bins=local,
+        shuffle_bins=False,
+    )
+    return rows.batch(local, drop_remainder=True)
 
 
-def to_iter(ds: grain.MapDataset, num_workers: int, prefetch: int = 2) -> grain.IterDataset:
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
+def first_batch(ds: grain.MapDataset | grain.IterDataset) -> dict:
+    """One batch, to read shapes and dtypes from (does not advance any training iterator)."""
+    return ds[0] if isinstance(ds, grain.MapDataset) else next(iter(ds))
+
+
+def _iter(ds: grain.MapDataset, prefetch: int) -> grain.IterDataset:
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
+
+
+def to_iter(
+    ds: grain.MapDataset | grain.IterDataset, num_workers: int, prefetch: int = 2
+) -> grain.IterDataset:
+    it = _iter(ds, prefetch) if isinstance(ds, grain.MapDataset) else ds
     if num_workers > 0:
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)

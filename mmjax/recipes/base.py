@@ -42,5 +42,9 @@ class Recipe:
     def loss(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         raise NotImplementedError
 
+    def packing(self) -> dict[str, int] | None:
+        """{feature: packed length} to pack examples into fixed-length rows; None: no packing."""
+        return None
+
     def evaluators(self) -> dict[str, Evaluator]:
         return {}

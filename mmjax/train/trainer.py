@@ -215,7 +215,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, tc = self.config, self.config.train
         lead = jax.process_index() == 0
-        ds = pipeline.train_dataset(cfg, self.recipe.preprocess)
+        ds = pipeline.train_dataset(cfg, self.recipe.preprocess, self.recipe.packing())
         data_iter = iter(pipeline.to_iter(ds, cfg.data.num_workers, cfg.data.prefetch))
         ckpt = Checkpointer(self.workdir, tc)
         start = 0
@@ -225,7 +225,7 @@ class Trainer:
         else:
             state = self.init_state()
         writer = metrics_lib.MetricWriter(self.workdir, start, enabled=lead)
-        compiled = self.compile_step(self.abstract_batch(ds[0]))
+        compiled = self.compile_step(self.abstract_batch(pipeline.first_batch(ds)))
         log_memory(compiled, self.num_params)
         preempted = _SigtermFlag()
         progress = metrics_lib.Progress(start, tc.steps, cfg.data.global_batch_size, enabled=lead)
