@@ -177,11 +177,15 @@ class Attention(nn.Module):
         bias: jax.Array | None = None,
         is_causal: bool = False,
         qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-    ) -> jax.Array:
+        cache: dict[str, jax.Array] | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """inputs_q [B, T, Dq], inputs_kv [B, S, Dkv] (None: self-attention) -> [B, T, out_dim].
 
         mask: bool, broadcastable to [B, heads, T, S] (True = attend); bias: additive logits bias.
         qk_fn: hook applied to (q, k) of shape [B, T|S, heads, kv] before attention (e.g. RoPE).
+        cache: KV-cache decoding, {'k', 'v': [B, S_max, kv_heads, kv], 'index': int scalar}: this
+          call's k/v (after qk_fn) are written at slots [index, index + S) and the queries attend
+          over all S_max slots (`mask` must cover them); returns (out, {'k', 'v'} updated).
         """
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
@@ -201,6 +205,11 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(proj(kv_heads, 'v', inputs_kv), names)
         if qk_fn is not None:
             q, k = qk_fn(q, k)
+        if cache is not None:
+            at = (0, cache['index'], 0, 0)
+            k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), at)
+            cache = {'k': k, 'v': v}
         x = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
         x = nn.with_logical_constraint(x, names)
         out = dense(
@@ -213,7 +222,8 @@ class Attention(nn.Module):
             kernel_init=self.kernel_init,
             name='out',
         )(x)
-        return _constrain(out, 'act_embed')
+        out = _constrain(out, 'act_embed')
+        return out if cache is None else (out, cache)
 
 
 def sincos2d_posemb(

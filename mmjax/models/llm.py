@@ -1,0 +1,260 @@
+"""Decoder-only LLM (Llama / Qwen2 family): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Param tree (scan=False; scan=True replaces block_{i} by one `blocks` subtree whose leaves have a
+leading `layers` axis of size depth; `stack_layers` / `unstack_layers` convert):
+  embedder/embedding [vocab, D]                          ('vocab', 'embed')
+  decoder/block_{i}/attn_norm/scale
+  decoder/block_{i}/attn/{q,k,v}/{kernel [D, H, hd], bias [H, hd]}   bias: qkv_bias only
+  decoder/block_{i}/attn/out/{kernel [H, hd, D], bias [D]}          bias: out_bias only
+  decoder/block_{i}/mlp_norm/scale
+  decoder/block_{i}/mlp/{wg, wi} [D, F], mlp/wo [F, D]   SwiGLU: wo(silu(wg x) * wi x)
+  final_norm/scale
+  lm_head/kernel [D, vocab]                              ('embed', 'vocab'); untied only
+
+KV cache (functional, see `init_cache`): {'k', 'v': [depth, B, S_max, kv_heads, head_dim],
+'valid': [B, S_max] bool (slots holding real tokens), 'index': int32 (next slot to write)}.
+A call with `cache=` writes its T tokens at slots [index, index + T), attends causally (by slot)
+over the valid slots and returns the advanced cache in aux['cache'].
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
+
+from mmjax.models.layers import Attention, Mlp, RMSNorm, dense
+from mmjax.models.rope import apply_rope, cos_sin, rope_type
+
+Dtype = Any
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(attn_norm(x)); x + mlp(mlp_norm(x)). Returns (x, layer cache)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cache, cos, sin, mask, index):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        rope = lambda q, k: (apply_rope(q, cos, sin), apply_rope(k, cos, sin))  # noqa: E731
+        attn = Attention(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            qkv_bias=self.qkv_bias,
+            out_bias=self.out_bias,
+            name='attn',
+            **kw,
+        )
+        y = RMSNorm(epsilon=self.norm_eps, name='attn_norm', **kw)(x)
+        if cache is None:
+            y = attn(y, mask=mask, qk_fn=rope)
+        else:
+            y, cache = attn(y, mask=mask, qk_fn=rope, cache={**cache, 'index': index})
+        x = x + y
+        y = RMSNorm(epsilon=self.norm_eps, name='mlp_norm', **kw)(x)
+        y = Mlp(self.mlp_dim, act='silu', gated=True, use_bias=self.mlp_bias, name='mlp', **kw)(y)
+        return nn.with_logical_constraint(x + y, ('batch', 'length', 'act_embed')), cache
+
+
+class Decoder(nn.Module):
+    """`depth` Blocks, optionally nn.scan'ed (`layers` param axis) and/or rematerialised."""
+
+    depth: int
+    block: Mapping  # Block kwargs
+    scan: bool = False
+    remat: str = ''  # '' or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+
+    @nn.compact
+    def __call__(self, x, cache, cos, sin, mask, index):
+        block_cls = Block
+        if self.remat:
+            block_cls = nn.remat(
+                block_cls, policy=getattr(jax.checkpoint_policies, self.remat), prevent_cse=not self.scan
+            )
+        if self.scan:
+            block_cls = nn.scan(
+                block_cls,
+                variable_axes={'params': 0},
+                split_rngs={'params': True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: 'layers'},
+            )
+            return block_cls(**self.block, name='blocks')(x, cache, cos, sin, mask, index)
+        layers = []
+        for i in range(self.depth):
+            layer = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+            x, layer = block_cls(**self.block, name=f'block_{i}')(x, layer, cos, sin, mask, index)
+            layers.append(layer)
+        return x, None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layers)
+
+
+class LLM(nn.Module):
+    """tokens [B, T] (or embeddings [B, T, D]) -> (logits [B, T, vocab] float32, aux).
+
+    aux: 'hidden' (final-normed hidden states [B, T, D]); 'cache' when called with a cache.
+    positions [B, T]: RoPE positions (default: arange, offset by the cache index when decoding);
+      restart them per packed document. attention_mask [B, T]: False = padding key.
+    segment_ids [B, T]: packed documents; a token attends only within its own segment.
+    """
+
+    vocab_size: int = 32000
+    width: int = 2048
+    depth: int = 22
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None: = num_heads
+    head_dim: int | None = None  # None: width // num_heads
+    mlp_dim: int = 5632
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping | None = None  # HF-style dict, see mmjax/models/rope.py
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2: True
+    out_bias: bool = False  # Llama attention_bias=True sets qkv_bias and out_bias
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = ''
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping) and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, 'rope_scaling', FrozenDict(self.rope_scaling))  # hashable: jit-static
+        rope_type(self.rope_scaling)
+        super().__post_init__()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.width // self.num_heads
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embedder = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')),
+            **kw,
+        )
+        block = dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.kv_heads,
+            head_dim=self.head_size,
+            mlp_dim=self.mlp_dim,
+            norm_eps=self.norm_eps,
+            qkv_bias=self.qkv_bias,
+            out_bias=self.out_bias,
+            mlp_bias=self.mlp_bias,
+            **kw,
+        )
+        self.decoder = Decoder(self.depth, FrozenDict(block), scan=self.scan, remat=self.remat)
+        self.final_norm = RMSNorm(epsilon=self.norm_eps, **kw)
+        if not self.tie_embeddings:
+            self.lm_head = dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, **kw)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> input embeddings [B, T, D] (for splicing images in before `__call__`)."""
+        return self.embedder(tokens)
+
+    def __call__(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        embeddings: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: dict | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        assert (tokens is None) != (embeddings is None), 'pass exactly one of tokens and embeddings'
+        x = self.embedder(tokens) if embeddings is None else embeddings.astype(self.dtype)
+        x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+        B, T = x.shape[:2]
+        keys = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        index = None if cache is None else cache['index']
+        if cache is None:
+            slots = jnp.arange(T)
+            mask = (slots[:, None] >= slots[None, :])[None] & keys[:, None, :]
+        else:
+            keys = jax.lax.dynamic_update_slice(cache['valid'], keys, (0, index))
+            slots = index + jnp.arange(T)
+            mask = (slots[:, None] >= jnp.arange(keys.shape[1])[None, :])[None] & keys[:, None, :]
+        if segment_ids is not None:
+            assert cache is None, 'segment_ids are for packed training sequences, not cached decoding'
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if positions is None:
+            positions = jnp.broadcast_to(slots, (B, T))
+        cos, sin = cos_sin(positions, self.head_size, self.rope_theta, self.rope_scaling)
+        layers = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+        x, layers = self.decoder(x, layers, cos, sin, mask[:, None], index)
+        h = self.final_norm(x)
+        logits = self.embedder.attend(h) if self.tie_embeddings else self.lm_head(h)
+        aux = {'hidden': h}
+        if cache is not None:
+            aux['cache'] = {**layers, 'valid': keys, 'index': index + T}
+        return logits.astype(jnp.float32), aux
+
+
+def init_cache(model: LLM, batch: int, length: int, dtype: Dtype | None = None) -> dict[str, jax.Array]:
+    """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new tokens)."""
+    shape = (model.depth, batch, length, model.kv_heads, model.head_size)
+    zeros = jnp.zeros(shape, dtype or model.dtype)
+    return {'k': zeros, 'v': zeros, 'valid': jnp.zeros((batch, length), bool), 'index': jnp.int32(0)}
+
+
+def stack_layers(params: Mapping, depth: int) -> dict:
+    """Unscanned params (decoder/block_{i}) -> the scan=True layout (decoder/blocks, leading layers axis)."""
+    blocks = jax.tree.map(lambda *xs: np.stack(xs), *[params['decoder'][f'block_{i}'] for i in range(depth)])
+    return {**params, 'decoder': {'blocks': blocks}}
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """The scan=True layout -> decoder/block_{i}; unscanned params pass through."""
+    if 'blocks' not in params['decoder']:
+        return dict(params)
+    blocks = params['decoder']['blocks']
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    return {
+        **params,
+        'decoder': {f'block_{i}': jax.tree.map(lambda x: x[i], blocks) for i in range(depth)},
+    }
+
+
+def resize_vocab(params: Mapping, new_vocab_size: int, rng: jax.Array) -> dict:
+    """Grows the vocabulary (embedding rows and, if untied, lm_head columns) to `new_vocab_size`
+    for added special tokens. Old rows are kept; new rows are the mean of the old ones plus noise
+    with 1e-5 x their per-dimension variance (HF's resize_token_embeddings init, diagonal).
+    Build the model with vocab_size=new_vocab_size to use the result."""
+
+    def grow(table: jax.Array, key: jax.Array) -> jax.Array:  # [vocab, D]
+        old = table.shape[0]
+        if new_vocab_size < old:
+            raise ValueError(f'resize_vocab grows the vocabulary; {new_vocab_size} < {old}')
+        mean, std = table.mean(0), table.std(0)
+        noise = jax.random.normal(key, (new_vocab_size - old, table.shape[1]), jnp.float32)
+        new = mean + noise * std * np.sqrt(1e-5)
+        return jnp.concatenate([table, new.astype(table.dtype)], axis=0)
+
+    k_embed, k_head = jax.random.split(rng)
+    out = dict(params)
+    out['embedder'] = {'embedding': grow(params['embedder']['embedding'], k_embed)}
+    if 'lm_head' in params:
+        out['lm_head'] = {'kernel': grow(params['lm_head']['kernel'].T, k_head).T}
+    return out
