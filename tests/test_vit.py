@@ -195,6 +195,24 @@ def test_posemb_interpolation(ref):
     assert aux['patches'].shape == (2, 64, 32) and np.isfinite(out).all()
 
 
+def test_clip_style_options():
+    """patch_bias=False drops the patch bias; final_norm='pooled' norms the pooled class token only."""
+    kw = dict(**TINY, class_token=True, pool='cls', pre_norm=True, patch_bias=False, posemb_resize='bicubic')
+    model = ViT(**kw, final_norm='pooled')
+    params = init(model)
+    assert set(params['params']['embedding']) == {'kernel'}
+    _, aux = jax.jit(model.apply)(params, X)
+    _, aux_all = jax.jit(ViT(**kw).apply)(params, X)  # final_norm='all' on the same params
+    assert aux['tokens'].shape == (2, 17, 32)
+    np.testing.assert_array_equal(aux['patches'], aux['tokens'][:, 1:])
+    norm = lambda y: LayerNorm(epsilon=1e-6).apply({'params': params['params']['encoder_norm']}, y)  # noqa: E731
+    np.testing.assert_allclose(aux['pooled'], norm(aux['tokens'][:, 0]), atol=1e-5)
+    np.testing.assert_allclose(aux_all['tokens'], norm(aux['tokens']), atol=1e-5)
+    assert not np.allclose(aux['tokens'], aux_all['tokens'], atol=1e-2)
+    aux64 = jax.eval_shape(model.apply, params, jnp.zeros((2, 64, 48, 3)))[1]  # bicubic posemb resize
+    assert aux64['tokens'].shape == (2, 49, 32) and aux64['pooled'].shape == (2, 32)
+
+
 def test_tiny_vit_trains():
     # Toy task: is the bright square in the left or the right half?
     rng = np.random.default_rng(0)

@@ -2,12 +2,12 @@
 
 Param tree (scan=False; scan=True replaces block_{i} by one `blocks` subtree whose leaves have a
 leading `layers` axis of size depth):
-  embedding/{kernel [p*p*C, D], bias}      patch projection; kernel rows flattened as (p1 p2 c)
-  cls [1, D]                                class_token=True only
+  embedding/{kernel [p*p*C, D], bias}      patch conv; kernel rows flattened as (p1 p2 c); bias iff patch_bias
+  cls [1, D]                                class_token=True only (CLIP: class embedding + its position row)
   pos_embedding [gh, gw, D]                 posemb='learn' only (grid of the init resolution)
   ln_pre/{scale, bias}                      pre_norm=True only
   encoder/block_{i}/{ln_1, attn/{q,k,v,out}, ln_2, mlp/{wi,wo}}
-  encoder_norm/{scale, bias}
+  encoder_norm/{scale, bias}                on all tokens (final_norm='all') or pooled only ('pooled': CLIP)
   map_head/{probe [1, D], attn, ln, mlp}    pool='map' only
   head/{kernel [D, num_classes], bias}      num_classes > 0 only
 """
@@ -18,10 +18,44 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models.layers import Attention, LayerNorm, Mlp, dense, interpolate_posemb, sincos2d_posemb
 
 Dtype = Any
+
+
+def _torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of PyTorch's 1-D bicubic resize (align_corners=False, Keys A=-0.75,
+    edge taps clamped, no antialias), the kernel of HF's interpolate_pos_encoding for CLIP/SigLIP."""
+    a = -0.75
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(src).astype(int)
+    t = src - i0
+    d = np.stack([t + 1, t, 1 - t, 2 - t], axis=1)  # distances to the taps i0-1 .. i0+2
+    w = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+    m = np.zeros((n_out, n_in))
+    np.add.at(
+        m,
+        (np.repeat(np.arange(n_out), 4), np.clip(i0[:, None] + np.arange(-1, 3), 0, n_in - 1).ravel()),
+        w.ravel(),
+    )
+    return m
+
+
+def resize_posemb(grid: jax.Array, new_hw: tuple[int, int], method: str = 'bilinear') -> jax.Array:
+    """Grid posemb [h, w, D] -> [new_h * new_w, D]; identity at the same grid. 'bilinear':
+    jax.image.resize (half-pixel centres, antialiased when shrinking); 'bicubic': PyTorch's, as in HF."""
+    (h, w, d), new_hw = grid.shape, tuple(new_hw)
+    if method == 'bilinear':
+        return interpolate_posemb(grid.reshape(-1, d), (h, w), new_hw)
+    if method != 'bicubic':
+        raise ValueError(f'unknown posemb_resize {method!r}; use bilinear or bicubic')
+    if (h, w) == new_hw:
+        return grid.reshape(-1, d)
+    mh, mw = (_torch_bicubic_matrix(n, m).astype(np.float32) for n, m in zip((h, w), new_hw))
+    out = jnp.einsum('ih,jw,hwd->ijd', mh, mw, grid, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(-1, d)
 
 
 class EncoderBlock(nn.Module):
@@ -104,11 +138,15 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """images [B, H, W, C] -> (out, aux); aux = {patches [B, N, D], pooled [B, D], logits [B, classes]}.
+    """images [B, H, W, C] -> (out, aux); aux = {tokens [B, T, D], patches [B, N, D], pooled [B, D],
+    logits [B, classes]}.
 
-    out is logits if num_classes else pooled (patches for pool='none'). H and W must be multiples of
-    patch_size; a learned posemb is bilinearly resized when the apply-time grid differs from init.
-    CLIP import: fold CLIP's class-token position row into `cls` (posemb here covers patches only).
+    tokens is the encoder output (class token first, if any) after encoder_norm where final_norm='all':
+    HF's last_hidden_state; patches drops the class token. out is logits if num_classes else pooled
+    (patches for pool='none'). H and W must be multiples of patch_size; a learned posemb is resized
+    (`posemb_resize`) when the apply-time grid differs from init.
+    CLIP import folds CLIP's class-token position row into `cls`: the two are only ever summed, and HF
+    never resizes that row, so the fold is exact at every resolution and needs no extra parameter.
     """
 
     patch_size: int = 16
@@ -120,7 +158,10 @@ class ViT(nn.Module):
     pool: str = 'gap'  # gap | cls | map | none
     class_token: bool = False
     posemb: str = 'learn'  # learn | sincos2d
+    posemb_resize: str = 'bilinear'  # bilinear | bicubic (PyTorch/HF interpolate_pos_encoding)
+    patch_bias: bool = True  # False: CLIP's bias-free patch conv
     pre_norm: bool = False
+    final_norm: str = 'all'  # all: encoder_norm on every token | pooled: on the pooled vector only (CLIP)
     act: str = 'gelu'
     layer_norm_eps: float = 1e-6
     dropout: float = 0.0
@@ -138,11 +179,13 @@ class ViT(nn.Module):
         assert H % p == 0 and W % p == 0, f'image size {(H, W)} not divisible by patch size {p}'
         assert self.pool != 'cls' or self.class_token, "pool='cls' needs class_token=True"
         assert self.pool != 'none' or not self.num_classes, "pool='none' has no head"
+        assert self.final_norm in ('all', 'pooled'), f'unknown final_norm {self.final_norm!r}'
+        assert self.pool != 'none' or self.final_norm == 'all', "final_norm='pooled' needs a pool"
         gh, gw = H // p, W // p
 
         # Patch embedding == stride-p conv; conv kernel [p, p, C, D] reshapes to [p*p*C, D].
         x = einops.rearrange(images.astype(self.dtype), 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)', p1=p, p2=p)
-        x = dense(d, ('patch', 'embed'), name='embedding', **kw)(x)
+        x = dense(d, ('patch', 'embed'), use_bias=self.patch_bias, name='embedding', **kw)(x)
         if self.posemb == 'learn':
             if self.has_variable(
                 'params', 'pos_embedding'
@@ -157,7 +200,7 @@ class ViT(nn.Module):
                     (gh, gw, d),
                     self.param_dtype,
                 )
-            pe = interpolate_posemb(pe.reshape(-1, d), pe.shape[:2], (gh, gw))
+            pe = resize_posemb(pe, (gh, gw), self.posemb_resize)
         elif self.posemb == 'sincos2d':
             pe = sincos2d_posemb(gh, gw, d)
         else:
@@ -186,9 +229,11 @@ class ViT(nn.Module):
             **kw,
         )
         x = Encoder(self.depth, block, scan=self.scan, remat=self.remat, name='encoder')(x)
-        x = LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)(x)
+        norm = LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)
+        if self.final_norm == 'all':
+            x = norm(x)
 
-        aux = {'patches': x[:, int(self.class_token) :]}
+        aux = {'tokens': x, 'patches': x[:, int(self.class_token) :]}
         if self.pool == 'gap':
             aux['pooled'] = aux['patches'].mean(axis=1)
         elif self.pool == 'cls':
@@ -204,6 +249,8 @@ class ViT(nn.Module):
             )(aux['patches'])
         elif self.pool != 'none':
             raise ValueError(f'unknown pool {self.pool!r}')
+        if self.final_norm == 'pooled':
+            aux['pooled'] = norm(aux['pooled'])
         if self.pool == 'none':
             return aux['patches'], aux
         if self.num_classes:
