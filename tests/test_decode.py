@@ -128,6 +128,10 @@ def test_beam_search(params, forward):
     np.testing.assert_allclose(
         scores, log_prob(forward, PROMPTS, ids), atol=1e-4
     )  # scores are true log-probs
+    emb = MODEL.apply({'params': params}, PROMPTS, method='embed')
+    np.testing.assert_array_equal(
+        beam_search(MODEL, params, embeddings=emb, max_new_tokens=N, beam_size=4)[0], ids
+    )
     greedy_lp = log_prob(forward, PROMPTS, greedy)
     assert (scores >= greedy_lp - 1e-5).all() and (scores > greedy_lp + 1e-3).any()
     # stop tokens: finished beams are padded, lengths count the stop token

@@ -95,26 +95,20 @@ def _generate(
     B = mask.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
-    def body(state):
-        i, ids, done, n, logits, cache, rng = state
+    def choose(i, logits, rng, ids, done, n):  # token i of each row; done rows get pad_id
         rng, key = jax.random.split(rng)
         token = jnp.where(done, pad_id, select(logits, key, method, temperature, top_k, top_p))
-        ids = ids.at[:, i].set(token)
-        n = n + ~done
-        done = done | jnp.isin(token, stops)
-        logits, cache = _step(model, params, token, lengths + i, cache)
-        return i + 1, ids, done, n, logits, cache, rng
+        return token, rng, ids.at[:, i].set(token), done | jnp.isin(token, stops), n + ~done
 
-    init = (
-        jnp.int32(0),
-        jnp.full((B, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros(B, bool),
-        jnp.zeros(B, jnp.int32),
-        logits,
-        cache,
-        rng,
-    )
-    _, ids, _, n, *_ = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~jnp.all(s[2]), body, init)
+    def body(state):  # feeds token i - 1, chooses token i: no forward pass after the last token
+        i, token, rng, ids, done, n, cache = state
+        logits, cache = _step(model, params, token, lengths + i - 1, cache)
+        return i + 1, *choose(i, logits, rng, ids, done, n), cache
+
+    ids = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+    state = (jnp.int32(1), *choose(0, logits, rng, ids, jnp.zeros(B, bool), jnp.zeros(B, jnp.int32)), cache)
+    state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~jnp.all(s[4]), body, state)
+    _, _, _, ids, _, n, _ = state
     return ids, n
 
 
@@ -175,36 +169,28 @@ def _beam_search(
     positions = beams(prompt_lengths)
     pad_only = jnp.where(jnp.arange(V) == pad_id, 0.0, -jnp.inf)  # a finished beam extends with pad for free
 
-    def body(state):
-        i, seqs, scores, done, n, logits, cache = state
+    def choose(i, logits, seqs, scores, done, n):  # the K best extensions of each row's beams
         logp = jax.nn.log_softmax(logits.reshape(B, K, V), axis=-1)
         logp = jnp.where(done[..., None], pad_only, logp)
-        top, flat = jax.lax.top_k((scores[..., None] + logp).reshape(B, K * V), K)
+        scores, flat = jax.lax.top_k((scores[..., None] + logp).reshape(B, K * V), K)
         parent, token = flat // V, (flat % V).astype(jnp.int32)
-        take = lambda x: jnp.take_along_axis(x, parent, axis=1)  # noqa: E731
         seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, i].set(token)
-        was_done = take(done)
-        n, done = take(n) + ~was_done, was_done | jnp.isin(token, stops)
-        rows = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
-        cache = {
-            'k': cache['k'][:, rows],
-            'v': cache['v'][:, rows],
-            'valid': cache['valid'][rows],
-            'index': cache['index'],
-        }
-        logits, cache = _step(model, params, token.reshape(-1), positions + i, cache)
-        return i + 1, seqs, top, done, n, logits, cache
+        was_done = jnp.take_along_axis(done, parent, axis=1)
+        n = jnp.take_along_axis(n, parent, axis=1) + ~was_done
+        return parent, token, seqs, scores, was_done | jnp.isin(token, stops), n
 
-    init = (
-        jnp.int32(0),
-        jnp.full((B, K, N), pad_id, jnp.int32),
-        jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf)[None].repeat(B, 0),  # start from one live beam
-        jnp.zeros((B, K), bool),
-        jnp.zeros((B, K), jnp.int32),
-        beams(logits),
-        cache,
-    )
-    _, seqs, scores, _, n, *_ = jax.lax.while_loop(lambda s: (s[0] < N) & ~jnp.all(s[3]), body, init)
+    def body(state):  # moves each beam's cache to its parent's, feeds token i - 1, chooses token i
+        i, parent, token, seqs, scores, done, n, cache = state
+        rows = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
+        cache = {**cache, 'k': cache['k'][:, rows], 'v': cache['v'][:, rows], 'valid': cache['valid'][rows]}
+        logits, cache = _step(model, params, token.reshape(-1), positions + i - 1, cache)
+        return i + 1, *choose(i, logits, seqs, scores, done, n), cache
+
+    start = jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf)[None].repeat(B, 0)  # one live beam per row
+    seqs, zeros = jnp.full((B, K, N), pad_id, jnp.int32), jnp.zeros((B, K), jnp.int32)
+    state = (jnp.int32(1), *choose(0, beams(logits), seqs, start, zeros.astype(bool), zeros), cache)
+    state = jax.lax.while_loop(lambda s: (s[0] < N) & ~jnp.all(s[5]), body, state)
+    _, _, _, seqs, scores, _, n, _ = state
     best = jnp.argmax(scores / jnp.maximum(n, 1).astype(jnp.float32) ** length_penalty, axis=1)
     rows = jnp.arange(B)
     return seqs[rows, best], n[rows, best], scores[rows, best]
