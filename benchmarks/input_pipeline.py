@@ -16,8 +16,10 @@ Interleaved over `--reps` repetitions, with medians reported:
   ratio     pipeline / step samples/s: the median over repetitions of each repetition's ratio
             (the step measured just before); the goal is >= 5.
 
-getitem_ms: one sample's cost on the main thread through the whole random-access path
-(`train_dataset(...)[i]`: source, preprocess, grain bookkeeping, batching).
+Per sample on the main thread: source_ms, the component source's `__getitem__` (a list
+lookup when cached, rendering otherwise); preprocess_ms, the recipe's preprocess; getitem_ms,
+the whole random-access path (`train_dataset(...)[i]` / batch size: source, preprocess,
+grain's per-record bookkeeping, batching).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def pipeline_rate(ds, num_workers: int, prefetch: int, warmup: int, batches: int
     return first, rate
 
 
+def ms_per_call(fn, args) -> float:
+    t0 = time.perf_counter()
+    for a in args:
+        fn(a)
+    return 1e3 * (time.perf_counter() - t0) / len(args)
+
+
 def main():
     parser = common.parser(__doc__)
     parser.add_argument("--workers", default="0,1,2", help="data.num_workers values, comma list")
@@ -72,15 +81,16 @@ def main():
     gb, prefetch = config.data.global_batch_size, config.data.prefetch
 
     trainer = trainer_lib.Trainer(config, common.tempdir("mmjax_bench_pipe_"))
-    datasets, build_s, getitem_ms = {}, {}, {}
+    datasets, per_sample = {}, {}
     for d in datas:
         t0 = time.perf_counter()
         datasets[d] = ds = pipeline.train_dataset(configs[d], trainer.recipe.preprocess)
-        build_s[d] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(8):
-            ds[i]
-        getitem_ms[d] = 1e3 * (time.perf_counter() - t0) / (8 * gb)
+        per_sample[d] = {"build_s": time.perf_counter() - t0}
+        source = pipeline.make_source(configs[d].data.components.shapes, configs[d].data.image_size)
+        records = [source[i] for i in range(8 * gb)]  # also a warm-up
+        per_sample[d]["source_ms"] = ms_per_call(source.__getitem__, range(8 * gb))
+        per_sample[d]["preprocess_ms"] = ms_per_call(trainer.recipe.preprocess("shapes"), records)
+        per_sample[d]["getitem_ms"] = ms_per_call(ds.__getitem__, range(8)) / gb
     local = datasets[datas[0]][0]
     compiled = trainer.compile_step(trainer.abstract_batch(local))
     batch = parallel.global_batch(local, trainer.batch_sharding)
@@ -108,7 +118,7 @@ def main():
     for (d, w), rs in ratios.items():
         ratio = common.median(rs)
         rows.append(
-            {"data": d, "workers": w, "build_s": build_s[d], "getitem_ms": getitem_ms[d]}
+            {"data": d, "workers": w, **per_sample[d]}
             | {"first_batch_s": common.median(first[d, w]), "pipeline_sps": common.median(rates[d, w])}
             | {"pipeline_range": common.spread(rates[d, w]), "step_sps": common.median(step_sps[d, w])}
             | {"ratio": ratio, "ratio_range": common.spread(rs), "goal_met": "yes" if ratio >= 5 else "no"}
@@ -121,7 +131,14 @@ def main():
         {
             "reps": args.reps,
             "rows": rows,
-            "raw": {f"{d}/{w}": {"step_sps": step_sps[d, w], "pipeline_sps": rates[d, w]} for d, w in rates},
+            "raw": {
+                f"{d}/{w}": {
+                    "step_sps": step_sps[d, w],
+                    "pipeline_sps": rates[d, w],
+                    "other_cores": other[d, w],
+                }
+                for d, w in rates
+            },
         },
     )
 
