@@ -108,6 +108,18 @@ def train_dataset(
     return rows.batch(local, drop_remainder=True)
 
 
+def example_row(config, preprocess: Callable[[str], Callable], packing: dict | None = None) -> dict:
+    """One training row (no batch axis) from the first examples of the mixture: the shapes and
+    dtypes of every batch, without drawing a whole batch (for compile checks)."""
+    ds = mixture(config, preprocess, 1)
+    if not packing:
+        return ds[0]
+    rows = grain.experimental.FirstFitPackIterDataset(
+        _iter(ds, 0), length_struct=dict(packing), num_packing_bins=1, shuffle_bins=False
+    )
+    return next(iter(rows))
+
+
 def first_batch(ds: grain.MapDataset | grain.IterDataset) -> dict:
     """One batch, to read shapes and dtypes from (does not advance any training iterator)."""
     return ds[0] if isinstance(ds, grain.MapDataset) else next(iter(ds))

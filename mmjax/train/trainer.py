@@ -187,6 +187,15 @@ class Trainer:
         with self._context():
             return step.lower(self.abstract_state_with_shardings(), abstract_batch).compile()
 
+    def abstract_batch_from_config(self):
+        """The global batch's abstract arrays, from one preprocessed row (no batch is drawn)."""
+        row = pipeline.example_row(self.config, self.recipe.preprocess, self.recipe.packing())
+        gb = self.config.data.global_batch_size
+        return {
+            k: jax.ShapeDtypeStruct((gb, *np.shape(v)), np.asarray(v).dtype, sharding=self.batch_sharding)
+            for k, v in row.items()
+        }
+
     def abstract_batch(self, local_batch: dict):
         n = jax.process_count()
         return {

@@ -1,0 +1,124 @@
+"""MM1: ViT -> connector -> LLM pre-training on captions / interleaved documents / text
+(45:45:10), then SFT (question -> answer); 0/4/8-shot captioning and VQA.
+
+  mmjax train  --config configs/mm1.py:tiny --workdir workdirs/mm1          # pre-train (CPU minutes)
+  mmjax export --config configs/mm1.py:tiny --workdir workdirs/mm1          # -> workdirs/mm1/export
+  mmjax train  --config configs/mm1.py:tiny_sft --workdir workdirs/mm1_sft \
+      --config.init.mm1.path=workdirs/mm1/export
+  mmjax eval   --config configs/mm1.py:tiny_sft --workdir workdirs/mm1_sft
+
+Variants: tiny (pre-training), tiny_sft, tiny_sft_hires (64 px by position-embedding
+interpolation), tiny_sft_subimages (64 px as 2x2 crops + overview), and the full-scale
+`3b` / `1b` (ViT-L/14 at 336 px + a 3B / TinyLlama-1.1B-shaped LLM, MM1's batch of 512
+sequences of 4096 tokens with up to 16 images of 144 tokens); `3b_moe` adds top-2 MoE FFNs.
+"""
+
+from mmjax import config as C
+
+
+def _evals(c, tasks=("caption", "vqa"), shots=(0, 4, 8), n=64):
+    for task in tasks:
+        for k in shots:
+            view = "caption" if task == "caption" else "qa"
+            c.evals[f"{task}_{k}shot"] = C.component(
+                split="val", view=view, num_examples=n, batch_size=32, task=task, shots=k, max_new_tokens=24
+            )
+
+
+def _moe(num_experts=0):
+    return dict(
+        num_experts=num_experts, top_k=2, every=1, capacity_factor=1.25, load_balance_weight=0.01, z_loss_weight=0.001
+    )
+
+
+def _tiny(c):
+    c.data.image_size = 32
+    for name, view, fmt, weight in (
+        ("caption", "caption", "caption", 45.0),
+        ("interleaved", "interleaved", "interleaved", 45.0),
+        ("text", "text", "text", 10.0),
+    ):
+        c.data.components[name] = C.component(view=view, format=fmt, weight=weight, num_records=2048, cache=True)
+    c.model = dict(
+        vision=dict(patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=128, posemb_size=0),
+        connector=dict(kind="c_abstractor", num_tokens=16),
+        llm=dict(width=128, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=256, tie_embeddings=True, vocab_size=0,
+                 moe=_moe()),
+        seq_len=128,
+        image_slots=4,
+        subimages=False,
+        tokenizer="",  # '' = the shapes tokenizer shipped with mmjax
+        dtype="float32",
+        scan=False,
+        remat="",
+    )
+    c.data.global_batch_size = 16
+    c.optim.update(lr_law="mm1", warmup_steps=20, lr_floor=0.1)
+    c.train.update(steps=400, log_every=20, save_every=200)
+    _evals(c)
+
+
+def _sft(c, path="workdirs/mm1/export"):
+    c.data.components = dict(
+        qa=C.component(view="qa", format="qa", weight=1.0, num_records=4096, cache=True),
+    )
+    c.init.mm1 = dict(path=path, into="", skip="")
+    c.optim.update(lr_law="", lr=1e-3, warmup_steps=20, lr_floor=0.1)
+    c.train.update(steps=300)
+    c.evals = {}
+    _evals(c, tasks=("vqa",), shots=(0,), n=128)
+
+
+def _full(c, llm, moe=0):
+    c.data.image_size = 336
+    c.data.components = dict(
+        caption=C.component(view="caption", format="caption", weight=45.0),
+        interleaved=C.component(view="interleaved", format="interleaved", weight=45.0),
+        text=C.component(view="text", format="text", weight=10.0),
+    )
+    c.model = dict(
+        vision=dict(patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096, class_token=True,
+                    pre_norm=True, act="quick_gelu", layer_norm_eps=1e-5, posemb_size=0),
+        connector=dict(kind="c_abstractor", num_tokens=144),
+        llm=dict(**llm, moe=_moe(moe)),
+        seq_len=4096,
+        image_slots=16,
+        subimages=False,
+        tokenizer="",
+        dtype="bfloat16",
+        scan=True,
+        remat="nothing_saveable",
+    )
+    c.mesh.update(data=-1, fsdp=8)
+    c.data.update(global_batch_size=512, num_workers=8)
+    c.optim.update(lr_law="mm1", warmup_steps=2000, lr_floor=0.1)
+    c.train.update(steps=200_000, log_every=100, save_every=2000, keep_period=20_000)
+    _evals(c, n=512)
+
+
+LLM_3B = dict(width=2560, depth=32, num_heads=32, num_kv_heads=8, mlp_dim=6912, vocab_size=0, tie_embeddings=False)
+LLM_1B = dict(width=2048, depth=22, num_heads=32, num_kv_heads=4, mlp_dim=5632, vocab_size=0, tie_embeddings=False)
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    c = C.base()
+    c.recipe = "mm1"
+    if variant.startswith("tiny"):
+        _tiny(c)
+        if variant == "tiny_sft":
+            _sft(c)
+        elif variant == "tiny_sft_hires":
+            _sft(c)
+            c.data.image_size, c.model.vision.posemb_size = 64, 32
+        elif variant == "tiny_sft_subimages":
+            _sft(c)
+            c.data.image_size, c.model.subimages, c.model.image_slots = 64, True, 5
+        elif variant != "tiny":
+            raise ValueError(f"unknown variant {variant!r}")
+    elif variant in ("3b", "1b", "3b_moe"):
+        _full(c, LLM_1B if variant == "1b" else LLM_3B, moe=8 if variant == "3b_moe" else 0)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose tiny, tiny_sft, tiny_sft_hires, "
+                         "tiny_sft_subimages, 1b, 3b or 3b_moe")
+    return c

@@ -1,0 +1,188 @@
+"""MM1 recipe: packed documents stay apart, mixing shares, the LR law in the trainer, image
+splicing, few-shot prompts, resolution variants, and pre-training -> SFT -> VQA above chance."""
+
+import collections
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import cli, config as config_lib, recipes
+from mmjax.data import pipeline
+from mmjax.models.vlm import splice
+from mmjax.train import optim, trainer as trainer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MM1 = os.path.join(ROOT, "configs", "mm1.py")
+SMALL_DATA = [f"data.components.{n}.num_records=256" for n in ("caption", "interleaved", "text")]
+
+
+def load(variant="tiny", *overrides):
+    return config_lib.load(f"{MM1}:{variant}", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load("tiny", "train.steps=8", *SMALL_DATA)
+    recipe = recipes.get(cfg)
+    params = nn.unbox(recipe.init(jax.random.key(0)))
+    return cfg, recipe, params
+
+
+def test_splice_puts_the_nth_visual_token_at_the_nth_placeholder():
+    text = jnp.zeros((2, 6, 3))
+    visual = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3) + 1
+    is_image = jnp.array([[0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0]], bool)
+    out = splice(text, visual, is_image)
+    np.testing.assert_array_equal(out[0, [1, 2, 4, 5]], visual[0])
+    np.testing.assert_array_equal(out[1, 0], visual[1, 0])
+    assert float(jnp.abs(out[0, [0, 3]]).sum()) == 0 and float(jnp.abs(out[1, 1:]).sum()) == 0
+
+
+def test_packed_documents_do_not_see_each_other(tiny):
+    """A packed row's second document gives the same logits as alone, whatever the first holds."""
+    cfg, recipe, params = tiny
+    pre = recipe.preprocess("caption")
+    from mmjax.data import shapes
+
+    src = shapes.ShapesSource("train", "caption", num_records=8)
+    a, b, c = (pre(src[i]) for i in range(3))
+
+    def row(*docs):
+        tokens = np.concatenate([d["tokens"] for d in docs])
+        seg = np.concatenate([np.full(len(d["tokens"]), i + 1) for i, d in enumerate(docs)])
+        pos = np.concatenate([np.arange(len(d["tokens"])) for d in docs])
+        images = np.concatenate([d["images"] for d in docs])
+        logits, _ = recipe.model.apply(
+            {"params": params},
+            jnp.asarray(tokens)[None],
+            jnp.asarray(images, jnp.float32)[None] / 127.5 - 1,
+            positions=jnp.asarray(pos)[None],
+            segment_ids=jnp.asarray(seg)[None],
+        )
+        return np.asarray(logits[0])
+
+    alone = row(b)
+    n = len(b["tokens"])
+    np.testing.assert_allclose(row(a, b)[-n:], alone, atol=1e-5)
+    np.testing.assert_allclose(row(c, b)[-n:], alone, atol=1e-5)
+    assert not np.allclose(row(a, b)[: len(a["tokens"])], row(c, b)[: len(c["tokens"])][: len(a["tokens"])])
+
+
+def test_packed_rows_keep_documents_whole_and_mixing_shares(tiny):
+    cfg, recipe, _ = tiny
+    cfg = load("tiny", "train.steps=40", *SMALL_DATA)
+    ds = pipeline.train_dataset(cfg, recipe.preprocess, recipe.packing())
+    docs = collections.Counter()
+    image_id = recipe.fmt.image_id
+    for batch in pipeline.to_iter(ds, 0):
+        for r in range(batch["tokens"].shape[0]):
+            seg, comp = batch["tokens_segment_ids"][r], batch["component"][r]
+            tokens, img_seg = batch["tokens"][r], batch["images_segment_ids"][r]
+            for s in range(1, seg.max() + 1):
+                here = seg == s
+                assert len(set(comp[here])) == 1  # one document, one component
+                assert tokens[here][0] == recipe.tokenizer.bos_token_id  # starts at its BOS: not split
+                np.testing.assert_array_equal(batch["tokens_positions"][r][here], np.arange(here.sum()))
+                # its placeholders match its images
+                assert (tokens[here] == image_id).sum() == 16 * (img_seg == s).sum()
+                docs[recipe.names[comp[here][0]]] += 1
+    total = sum(docs.values())
+    assert total > 500
+    for name, weight in (("caption", 0.45), ("interleaved", 0.45), ("text", 0.10)):
+        assert abs(docs[name] / total - weight) < 0.04, docs
+
+
+def test_loss_counts_text_tokens_only(tiny):
+    cfg, recipe, params = tiny
+    rec = recipe.preprocess("caption")
+    from mmjax.data import shapes
+
+    ex = rec(shapes.ShapesSource("train", "caption", num_records=4)[1])
+    assert not ex["loss_mask"][ex["targets"] == recipe.fmt.image_id].any()
+    assert ex["loss_mask"][-1] == 1 and ex["targets"][-1] == recipe.tokenizer.eos_token_id
+    qa = recipe.preprocess("caption").__class__(recipe.fmt, "qa", 0, 128, 4)
+    ex = qa(shapes.ShapesSource("train", "qa", num_records=4)[1])
+    answer = recipe.tokenizer.decode(ex["targets"][ex["loss_mask"] > 0], skip_special_tokens=True)
+    assert answer.strip() == shapes.ShapesSource("train", "qa", num_records=4)[1]["answer"]
+
+
+def test_few_shot_prompts(tiny):
+    cfg, recipe, _ = tiny
+    evs = recipe.evaluators()
+    assert set(evs) == {f"{t}_{k}shot" for t in ("caption", "vqa") for k in (0, 4, 8)}
+    from mmjax.data import shapes
+
+    for name, k in (("caption_4shot", 4), ("vqa_8shot", 8), ("vqa_0shot", 0)):
+        ev = evs[name]
+        rec = shapes.ShapesSource("val", ev.data.view, num_records=4)[2]
+        ex = ev.preprocess(rec)
+        ids = ex["tokens"][ex["mask"]]
+        assert ex["images"].shape[0] == k + 1
+        assert (ids == recipe.fmt.image_id).sum() == 16 * (k + 1)
+        text = recipe.tokenizer.decode(ids, skip_special_tokens=True)
+        if name.startswith("vqa"):
+            assert text.count("Answer:") == k + 1 and text.rstrip().endswith(f"{rec['question']} Answer:")
+        else:
+            assert ids[-1] == recipe.fmt.image_id
+        np.testing.assert_array_equal(ex["images"][-1], rec["image"])
+
+
+def test_lr_law_drives_the_schedule(tiny):
+    cfg, recipe, _ = tiny
+    t = trainer_lib.Trainer(cfg, "/tmp/unused")
+    eta, wd = optim.mm1_lr_law(t.num_params)
+    sched = t.opt.schedule
+    assert abs(float(sched(cfg.optim.warmup_steps)) - eta) < 1e-9
+    assert abs(float(sched(cfg.train.steps)) - 0.1 * eta) < 1e-9  # cosine to 10% of the peak
+    assert np.isclose(eta, np.exp(-0.4214 * np.log(t.num_params) - 0.5535)) and wd == 0.1
+
+
+@pytest.mark.parametrize("variant", ["tiny_sft_hires", "tiny_sft_subimages"])
+def test_higher_resolution_variants_keep_the_parameter_shapes(tiny, variant):
+    _, base, base_params = tiny
+    cfg = load(variant, "data.components.qa.num_records=16", "init.mm1.path=" + ROOT)
+    recipe = recipes.get(cfg)
+    params = nn.unbox(recipe.init(jax.random.key(0)))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, base_params)  # loads the 32 px weights
+    from mmjax.data import shapes
+
+    ex = recipe.preprocess("qa")(shapes.ShapesSource("train", "qa", image_size=64, num_records=2)[0])
+    per = 5 if variant.endswith("subimages") else 1
+    side = 32 if per == 5 else 64
+    assert ex["images"].shape == (per, side, side, 3)
+    assert (ex["tokens"] == recipe.fmt.image_id).sum() == 16 * per
+    logits, _ = recipe.model.apply(
+        {"params": params}, jnp.asarray(ex["tokens"])[None], jnp.asarray(ex["images"], jnp.float32)[None] / 127.5 - 1
+    )
+    assert logits.shape == (1, len(ex["tokens"]), recipe.model.llm.vocab_size)
+
+
+def test_pretrain_then_sft_answers_above_chance(tmp_path):
+    """Tiny pre-training lowers the loss; SFT from its export answers VQA above the answer prior."""
+    pt = str(tmp_path / "pt")
+    cfg = load("tiny", "train.steps=150", "train.save_every=150", "evals.caption_8shot.num_examples=32", *SMALL_DATA)
+    with cfg.unlocked():
+        cfg.evals = {"caption_0shot": cfg.evals.caption_0shot}
+    final = trainer_lib.train(cfg, pt)
+    rows = [r for r in _metrics(pt) if "loss" in r]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], rows
+    for name in ("caption", "interleaved", "text"):
+        assert rows[-1][f"loss/{name}"] < rows[0][f"loss/{name}"]
+    assert "caption_0shot/accuracy" in final
+    cli.export(cfg, pt, str(tmp_path / "export"))
+
+    sft = load("tiny_sft", f"init.mm1.path={tmp_path / 'export'}", "train.steps=200", "data.components.qa.num_records=2048")
+    final = trainer_lib.train(sft, str(tmp_path / "sft"))
+    acc, prior = final["vqa_0shot/accuracy"], final["vqa_0shot/prior"]
+    assert acc > prior + 0.1, final
+
+
+def _metrics(workdir):
+    import json
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
