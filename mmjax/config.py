@@ -180,8 +180,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]
 
 # Logical axis -> mesh axes. Activations (`act_*`) and parameters have separate names so
 # that, e.g., parameters can be FSDP-sharded over `fsdp` while activations shard batch.
+# Expert parallelism: `batch` also shards over `expert`, so outside MoE layers the expert axis
+# carries data (no replicated attention/dense compute); inside them tokens move to their experts'
+# devices (`expert_group`: the token groups there, sharded over the remaining data axes).
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -194,6 +197,8 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("patch", None),
     ("layers", None),
+    ("expert", "expert"),
+    ("expert_group", ("data", "fsdp")),
 )
 
 
@@ -202,7 +207,7 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.recipe = ""
     c.seed = 0
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     c.sharding_rules = DEFAULT_RULES
     c.data = ml_collections.ConfigDict(
         dict(

@@ -103,7 +103,7 @@ def test_restore_onto_another_mesh(tmp_path, tiny_config):
     ckpt.close()
     assert step == 6 and int(state.step) == 6
     kernel = next(p for n, p in parallel.flat(state.params).items() if "fsdp" in str(p.sharding.spec))
-    assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     trainer.fit()  # continues to step 10 on the new mesh
     rows = read_metrics(workdir)
     assert max(rows) == 10 and np.isfinite(rows[10]["loss"])

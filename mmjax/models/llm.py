@@ -8,6 +8,7 @@ leading `layers` axis of size depth; `stack_layers` / `unstack_layers` convert):
   decoder/block_{i}/attn/out/{kernel [H, hd, D], bias [D]}          bias: out_bias only
   decoder/block_{i}/mlp_norm/scale
   decoder/block_{i}/mlp/{wg, wi} [D, F], mlp/wo [F, D]   SwiGLU: wo(silu(wg x) * wi x)
+  decoder/block_{i}/moe/...  instead of mlp in MoE blocks (`moe=`), see mmjax/models/moe.py
   final_norm/scale
   lm_head/kernel [D, vocab]                              ('embed', 'vocab'); untied only
 
@@ -15,6 +16,12 @@ KV cache (functional, see `init_cache`): {'k', 'v': [depth, B, S_max, kv_heads, 
 'valid': [B, S_max] bool (slots holding real tokens), 'index': int32 (next slot to write)}.
 A call with `cache=` writes its T tokens at slots [index, index + T), attends causally (by slot)
 over the valid slots and returns the advanced cache in aux['cache'].
+
+MoE (MM1): `moe=dict(num_experts=8, top_k=2, every=1, ...)` (keys and defaults: moe.DEFAULTS) makes
+every `every`-th block's FFN a MoeMlp. aux then holds 'moe_loss' (float32 scalar: the weighted
+load-balance + router z-losses summed over MoE layers; add it to the training loss) and
+'moe_metrics' ('load_balance_loss', 'z_loss', 'drop_fraction': means over MoE layers; 'expert_load'
+[MoE layers, E]). Padding (attention_mask False, segment id 0) is neither routed nor counted.
 """
 
 from collections.abc import Mapping
@@ -26,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from mmjax.models import moe as moe_lib
 from mmjax.models.layers import Attention, Mlp, RMSNorm, dense
 from mmjax.models.rope import apply_rope, cos_sin, rope_type
 
@@ -33,7 +41,9 @@ Dtype = Any
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: x + attn(attn_norm(x)); x + mlp(mlp_norm(x)). Returns (x, layer cache)."""
+    """Pre-norm decoder block: x + attn(attn_norm(x)); x + mlp(mlp_norm(x)).
+
+    Returns (x, (layer cache, MoE aux or {})); `moe` (LLM.moe) makes the FFN a MoeMlp named `moe`."""
 
     num_heads: int
     num_kv_heads: int
@@ -43,11 +53,12 @@ class Block(nn.Module):
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    moe: Mapping | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, index):
+    def __call__(self, x, cache, cos, sin, mask, index, tokens_mask):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rope = lambda q, k: (apply_rope(q, cos, sin), apply_rope(k, cos, sin))  # noqa: E731
         attn = Attention(
@@ -66,20 +77,27 @@ class Block(nn.Module):
             y, cache = attn(y, mask=mask, qk_fn=rope, cache={**cache, 'index': index})
         x = x + y
         y = RMSNorm(epsilon=self.norm_eps, name='mlp_norm', **kw)(x)
-        y = Mlp(self.mlp_dim, act='silu', gated=True, use_bias=self.mlp_bias, name='mlp', **kw)(y)
-        return nn.with_logical_constraint(x + y, ('batch', 'length', 'act_embed')), cache
+        aux = {}
+        if self.moe:
+            fields = {k: self.moe[k] for k in ('num_experts', 'top_k', 'capacity_factor', 'group_size')}
+            y, aux = moe_lib.MoeMlp(mlp_dim=self.mlp_dim, **fields, name='moe', **kw)(y, tokens_mask)
+        else:
+            y = Mlp(self.mlp_dim, act='silu', gated=True, use_bias=self.mlp_bias, name='mlp', **kw)(y)
+        return nn.with_logical_constraint(x + y, ('batch', 'length', 'act_embed')), (cache, aux)
 
 
 class Decoder(nn.Module):
-    """`depth` Blocks, optionally nn.scan'ed (`layers` param axis) and/or rematerialised."""
+    """`depth` Blocks, optionally nn.scan'ed (`layers` param axis) and/or rematerialised.
+    Returns (x, stacked layer caches, stacked MoE aux)."""
 
     depth: int
     block: Mapping  # Block kwargs
     scan: bool = False
     remat: str = ''  # '' or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+    moe: Mapping | None = None  # LLM.moe: blocks every-1, 2*every-1, ... are MoE
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, index):
+    def __call__(self, x, cache, cos, sin, mask, index, tokens_mask):
         block_cls = Block
         if self.remat:
             block_cls = nn.remat(
@@ -90,17 +108,26 @@ class Decoder(nn.Module):
                 block_cls,
                 variable_axes={'params': 0},
                 split_rngs={'params': True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0,) + (nn.broadcast,) * 5,
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: 'layers'},
             )
-            return block_cls(**self.block, name='blocks')(x, cache, cos, sin, mask, index)
-        layers = []
+            x, (cache, aux) = block_cls(**self.block, moe=self.moe, name='blocks')(
+                x, cache, cos, sin, mask, index, tokens_mask
+            )
+            return x, cache, aux
+        layers, auxs = [], []
         for i in range(self.depth):
             layer = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-            x, layer = block_cls(**self.block, name=f'block_{i}')(x, layer, cos, sin, mask, index)
+            moe = self.moe if self.moe and (i + 1) % self.moe['every'] == 0 else None
+            x, (layer, aux) = block_cls(**self.block, moe=moe, name=f'block_{i}')(
+                x, layer, cos, sin, mask, index, tokens_mask
+            )
             layers.append(layer)
-        return x, None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layers)
+            if aux:
+                auxs.append(aux)
+        stack = lambda xs: jax.tree.map(lambda *c: jnp.stack(c), *xs) if xs else {}  # noqa: E731
+        return x, None if cache is None else stack(layers), stack(auxs)
 
 
 class LLM(nn.Module):
@@ -130,11 +157,23 @@ class LLM(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = ''
+    moe: Mapping | None = None  # mixture-of-experts FFNs, keys of moe.DEFAULTS (module docstring)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping) and not isinstance(self.rope_scaling, FrozenDict):
             object.__setattr__(self, 'rope_scaling', FrozenDict(self.rope_scaling))  # hashable: jit-static
         rope_type(self.rope_scaling)
+        if self.moe is not None:
+            unknown = set(self.moe) - set(moe_lib.DEFAULTS)
+            if unknown:
+                raise ValueError(f'moe: unknown keys {sorted(unknown)}; known: {sorted(moe_lib.DEFAULTS)}')
+            object.__setattr__(self, 'moe', FrozenDict({**moe_lib.DEFAULTS, **self.moe}))
+            if not 1 <= self.moe['every'] <= self.depth:
+                raise ValueError(f"moe every={self.moe['every']}: must be in [1, depth={self.depth}]")
+            if self.scan and self.moe['every'] != 1:
+                raise ValueError('scan=True needs identical blocks: use moe every=1 or scan=False')
+            if self.mlp_bias:
+                raise ValueError('MoE experts have no biases; set mlp_bias=False')
         super().__post_init__()
 
     @property
@@ -164,7 +203,7 @@ class LLM(nn.Module):
             mlp_bias=self.mlp_bias,
             **kw,
         )
-        self.decoder = Decoder(self.depth, FrozenDict(block), scan=self.scan, remat=self.remat)
+        self.decoder = Decoder(self.depth, FrozenDict(block), scan=self.scan, remat=self.remat, moe=self.moe)
         self.final_norm = RMSNorm(epsilon=self.norm_eps, **kw)
         if not self.tie_embeddings:
             self.lm_head = dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, **kw)
@@ -188,6 +227,7 @@ class LLM(nn.Module):
         x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
         B, T = x.shape[:2]
         keys = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        tokens_mask = keys if segment_ids is None else keys & (segment_ids != 0)  # real tokens, for MoE
         index = None if cache is None else cache['index']
         if cache is None:
             slots = jnp.arange(T)
@@ -203,10 +243,14 @@ class LLM(nn.Module):
             positions = jnp.broadcast_to(slots, (B, T))
         cos, sin = cos_sin(positions, self.head_size, self.rope_theta, self.rope_scaling)
         layers = None if cache is None else {'k': cache['k'], 'v': cache['v']}
-        x, layers = self.decoder(x, layers, cos, sin, mask[:, None], index)
+        x, layers, moe = self.decoder(x, layers, cos, sin, mask[:, None], index, tokens_mask)
         h = self.final_norm(x)
         logits = self.embedder.attend(h) if self.tie_embeddings else self.lm_head(h)
         aux = {'hidden': h}
+        if self.moe:
+            weights = self.moe['load_balance_weight'], self.moe['z_loss_weight']
+            aux['moe_loss'] = weights[0] * moe['load_balance_loss'].sum() + weights[1] * moe['z_loss'].sum()
+            aux['moe_metrics'] = {k: v if k == 'expert_load' else v.mean() for k, v in moe.items()}
         if cache is not None:
             aux['cache'] = {**layers, 'valid': keys, 'index': index + T}
         return logits.astype(jnp.float32), aux
