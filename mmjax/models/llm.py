@@ -231,14 +231,11 @@ class LLM(nn.Module):
         index = None if cache is None else cache['index']
         if cache is None:
             slots = jnp.arange(T)
-            mask = (slots[:, None] >= slots[None, :])[None] & keys[:, None, :]
         else:
+            assert segment_ids is None, 'segment_ids are for packed training sequences, not cached decoding'
             keys = jax.lax.dynamic_update_slice(cache['valid'], keys, (0, index))
             slots = index + jnp.arange(T)
-            mask = (slots[:, None] >= jnp.arange(keys.shape[1])[None, :])[None] & keys[:, None, :]
-        if segment_ids is not None:
-            assert cache is None, 'segment_ids are for packed training sequences, not cached decoding'
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = make_mask(slots, keys, segment_ids)
         if positions is None:
             positions = jnp.broadcast_to(slots, (B, T))
         cos, sin = cos_sin(positions, self.head_size, self.rope_theta, self.rope_scaling)
@@ -254,6 +251,15 @@ class LLM(nn.Module):
         if cache is not None:
             aux['cache'] = {**layers, 'valid': keys, 'index': index + T}
         return logits.astype(jnp.float32), aux
+
+
+def make_mask(slots: jax.Array, keys: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, S] bool: the query at slot slots[t] sees key slot s if s <= slots[t] (causal), keys[b, s]
+    (a real token) and, for packed rows (segment_ids [B, T], S == T), both are in the same document."""
+    mask = (slots[:, None] >= jnp.arange(keys.shape[1])[None, :])[None] & keys[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
 
 
 def init_cache(model: LLM, batch: int, length: int, dtype: Dtype | None = None) -> dict[str, jax.Array]:
