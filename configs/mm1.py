@@ -60,8 +60,10 @@ def _tiny(c):
 
 def _sft(c, path="workdirs/mm1/export"):
     c.data.components = dict(
-        qa=C.component(view="qa", format="qa", weight=1.0, num_records=4096, cache=True),
+        # conversations of 4 question-answer turns per image
+        qa=C.component(view="qa", format="qa", weight=1.0, num_records=4096, cache=True, turns=4),
     )
+    c.model.seq_len = 192  # two 4-turn conversations per row
     c.init.mm1 = dict(path=path, into="", skip="")
     c.optim.update(lr_law="", lr=1e-3, warmup_steps=20, lr_floor=0.1)
     c.train.update(steps=300)
@@ -89,6 +91,10 @@ def _full(c, llm, moe=0):
         scan=True,
         remat="nothing_saveable",
     )
+    # start from converted checkpoints: --config.init.vision.path=... --config.init.llm.path=...
+    # (`mmjax convert hf-import`; set model.tokenizer to the LLM's HF folder too)
+    c.init.vision = dict(path="", into="vision", skip="")
+    c.init.llm = dict(path="", into="llm", skip="")
     c.mesh.update(data=-1, fsdp=8)
     c.data.update(global_batch_size=512, num_workers=8)
     c.optim.update(lr_law="mm1", warmup_steps=2000, lr_floor=0.1)

@@ -168,7 +168,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]
         unknown = set(spec) - {"path", "into", "skip"}
         if unknown:
             raise ConfigError(f"init.{name} has unknown keys {sorted(unknown)}; use path, into, skip")
-        if not os.path.exists(os.path.join(os.path.expanduser(spec.get("path", "")), "mmjax.json")):
+        if spec.get("path") and not os.path.exists(os.path.join(os.path.expanduser(spec.path), "mmjax.json")):
             raise ConfigError(
                 f"init.{name}.path={spec.get('path')!r} is not an mmjax weights folder; make one with "
                 f"`mmjax convert hf-import SRC DST` or fix the path"

@@ -48,8 +48,11 @@ def to_float(images: jax.Array) -> jax.Array:
 
 def dense_caption(record: dict) -> str:
     """A synthetic caption: every object with its size, colour and shape (VeCap-style detail)."""
-    sc = shapes.scene_from_arrays(*(record[k] for k in ("num_objects", "obj_shape", "obj_color", "obj_size", "obj_box")))
-    return " and ".join(f"a {o.size} {o.color} {o.shape}" for o in sc.objects)
+    return " and ".join(f"a {o.size} {o.color} {o.shape}" for o in _scene(record).objects)
+
+
+def _scene(record: dict) -> shapes.Scene:
+    return shapes.scene_from_arrays(*(record[k] for k in ("num_objects", "obj_shape", "obj_color", "obj_size", "obj_box")))
 
 
 # ---- text -------------------------------------------------------------------------------------
@@ -96,11 +99,23 @@ def qa_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
+def conversation(record: dict, turns: int) -> list[tuple[str, str]]:
+    """The record's (question, answer) and turns - 1 more about the same scene (multi-turn SFT:
+    more supervision per image), never about the split's held-out combinations."""
+    pairs = [(record["question"], record["answer"])]
+    if turns > 1:
+        sc = _scene(record)
+        allowed = lambda c, s: record["split"] == "test" or (c, s) not in shapes.HELD_OUT  # noqa: E731
+        rng = np.random.default_rng((11, int(record["index"])))
+        pairs += [shapes.qa(sc, rng, allowed) for _ in range(turns - 1)]
+    return pairs
+
+
 class Preprocess:
     """One component's record -> an example ready for packing."""
 
-    def __init__(self, fmt: Formatter, kind: str, component: int, seq_len: int, image_slots: int):
-        self.f, self.kind, self.component = fmt, kind, component
+    def __init__(self, fmt: Formatter, kind: str, component: int, seq_len: int, image_slots: int, turns: int = 1):
+        self.f, self.kind, self.component, self.turns = fmt, kind, component, turns
         self.seq_len, self.image_slots = seq_len, image_slots
 
     def __call__(self, record: dict) -> dict:
@@ -117,9 +132,11 @@ class Preprocess:
             pieces = [p for text in record["texts"] for p in (f.image(), f.text(text, True))]
         elif self.kind == "text":
             pieces = [f.text(record["text"], True)]
-        else:  # qa: loss on the answer only
-            pieces = [f.image(), f.text(qa_prompt(record["question"]), False), f.text(record["answer"], True)]
-        ids, flags = f.join(pieces, eos=True)
+        else:  # qa: a conversation about the image, the loss on the answers only
+            pieces = [f.image()]
+            for q, a in conversation(record, self.turns):  # each answer ends its turn with EOS
+                pieces += [f.text(qa_prompt(q), False), f.text(a, True), ([f.eos], [True])]
+        ids, flags = f.join(pieces, eos=self.kind != "qa")
         n = len(ids) - 1
         if n > self.seq_len or len(images) * (5 if f.subimages else 1) > self.image_slots:
             raise ValueError(
@@ -273,7 +290,8 @@ class Recipe(BaseRecipe):
     def preprocess(self, component):
         comp = self.config.data.components[component]
         mc = self.config.model
-        return Preprocess(self.fmt, comp.format, self.names.index(component), mc.seq_len, mc.image_slots)
+        index = self.names.index(component)
+        return Preprocess(self.fmt, comp.format, index, mc.seq_len, mc.image_slots, comp.get("turns", 1))
 
     def loss(self, params, batch, rng):
         seg = batch["tokens_segment_ids"]

@@ -7,6 +7,9 @@ its own parameters:
 
     c.init.llm = dict(path="/ckpt/tinyllama", into="llm", skip="")
 
+An entry with an empty path is skipped, so a config can declare what it can start from and
+the command line fills it in (`--config.init.llm.path=/ckpt/tinyllama`).
+
 `into` is the '/'-separated parameter prefix ('' = the whole tree); `skip` is a regex of
 loaded names to leave at their fresh initialisation (e.g. a new classifier head). Every
 parameter under `into` must be covered, and shapes must agree: a mismatch names the

@@ -98,6 +98,8 @@ class Trainer:
         """Fresh state, with the weights `config.init` names put in place."""
         loaded = {}
         for name, spec in self.config.init.items():
+            if not spec.get("path"):  # declared in the config, not set: fresh initialisation
+                continue
             loaded.update(pretrained.overlay(self.abstract_params, name, spec))
         shardings = parallel.flat(self.state_shardings.params)
         init = jax.jit(
