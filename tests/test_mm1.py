@@ -162,23 +162,23 @@ def test_higher_resolution_variants_keep_the_parameter_shapes(tiny, variant):
 
 
 def test_pretrain_then_sft_answers_above_chance(tmp_path):
-    """Tiny pre-training lowers the loss; SFT from its export answers VQA above the answer prior."""
+    """Tiny pre-training lowers every component's loss; SFT from its export answers VQA above
+    the image-blind answer prior, most of all the questions only the image can answer."""
     pt = str(tmp_path / "pt")
-    cfg = load("tiny", "train.steps=150", "train.save_every=150", "evals.caption_8shot.num_examples=32", *SMALL_DATA)
+    cfg = load("tiny", "train.steps=300", "train.save_every=300", "train.log_every=25", *SMALL_DATA)
     with cfg.unlocked():
-        cfg.evals = {"caption_0shot": cfg.evals.caption_0shot}
-    final = trainer_lib.train(cfg, pt)
+        cfg.evals = {}
+    trainer_lib.train(cfg, pt)
     rows = [r for r in _metrics(pt) if "loss" in r]
-    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], rows
     for name in ("caption", "interleaved", "text"):
-        assert rows[-1][f"loss/{name}"] < rows[0][f"loss/{name}"]
-    assert "caption_0shot/accuracy" in final
+        assert rows[-1][f"loss/{name}"] < 0.5 * rows[0][f"loss/{name}"], rows
     cli.export(cfg, pt, str(tmp_path / "export"))
 
-    sft = load("tiny_sft", f"init.mm1.path={tmp_path / 'export'}", "train.steps=200", "data.components.qa.num_records=2048")
+    sft = load("tiny_sft", f"init.mm1.path={tmp_path / 'export'}", "train.steps=300", "evals.vqa_0shot.num_examples=256")
     final = trainer_lib.train(sft, str(tmp_path / "sft"))
-    acc, prior = final["vqa_0shot/accuracy"], final["vqa_0shot/prior"]
-    assert acc > prior + 0.1, final
+    print({k: round(v, 3) for k, v in final.items() if k.startswith("vqa")})
+    assert final["vqa_0shot/accuracy"] > final["vqa_0shot/prior"], final
+    assert final["vqa_0shot/accuracy/color"] > final["vqa_0shot/prior/color"] + 0.25, final
 
 
 def _metrics(workdir):

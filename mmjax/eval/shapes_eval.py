@@ -379,27 +379,35 @@ def _the(scene: Scene, size, color, noun):
     return found[0]
 
 
-def answer(scene: Scene, question: str) -> str:
-    """The exact answer to a template question (the QA view's), in canonical form."""
+def _parse(question: str) -> tuple[str, tuple]:
     q = ' '.join(question.lower().strip().rstrip('?').split())
     for kind, pattern in _QUESTIONS:
         m = pattern.fullmatch(q)
-        if not m:
-            continue
-        g = m.groups()
-        if kind in ('color', 'shape', 'size'):
-            return getattr(_the(scene, *g), kind)
-        if kind == 'count':
-            return NUMBER_WORDS[len(_select(scene, *g))]
-        if kind == 'exists':
-            return 'yes' if _select(scene, *g) else 'no'
-        if kind == 'is_color':
-            return 'yes' if _the(scene, *g[:3]).color == g[3] else 'no'
-        (ax, ay), (bx, by) = _the(scene, *g[:3]).center, _the(scene, *g[3:]).center
-        if kind == 'horizontal':
-            return 'left' if ax < bx else 'right'
-        return 'above' if ay < by else 'below'
+        if m:
+            return kind, m.groups()
     raise ValueError(f'not a shapes-world question: {question!r}')
+
+
+def question_kind(question: str) -> str:
+    """color, shape, size, count, exists, is_color, horizontal or vertical."""
+    return _parse(question)[0]
+
+
+def answer(scene: Scene, question: str) -> str:
+    """The exact answer to a template question (the QA view's), in canonical form."""
+    kind, g = _parse(question)
+    if kind in ('color', 'shape', 'size'):
+        return getattr(_the(scene, *g), kind)
+    if kind == 'count':
+        return NUMBER_WORDS[len(_select(scene, *g))]
+    if kind == 'exists':
+        return 'yes' if _select(scene, *g) else 'no'
+    if kind == 'is_color':
+        return 'yes' if _the(scene, *g[:3]).color == g[3] else 'no'
+    (ax, ay), (bx, by) = _the(scene, *g[:3]).center, _the(scene, *g[3:]).center
+    if kind == 'horizontal':
+        return 'left' if ax < bx else 'right'
+    return 'above' if ay < by else 'below'
 
 
 _DIGITS = {str(i): w for i, w in enumerate(NUMBER_WORDS)}

@@ -209,7 +209,7 @@ def answer_prior(seed: int = 0, n: int = 4000) -> dict[str, str]:
 
 class Score:
     """Generated ids -> accuracy against the scorer (captions: every claim true of the scene;
-    VQA: the exact answer), plus the image-blind answer prior for VQA."""
+    VQA: the exact answer), plus the image-blind answer prior for VQA, also per question kind."""
 
     def __init__(self, tokenizer, task: str, split: str, seed: int):
         self.tok, self.task, self.split, self.seed = tokenizer, task, split, seed
@@ -225,13 +225,18 @@ class Score:
                 ),
             }
         src, prior = shapes.ShapesSource(self.split, "qa", seed=self.seed), answer_prior(self.seed)
-        right, blind = [], []
+        rows = []  # (question kind, right, right by the prior)
         for text, i in zip(texts, out["index"]):
             q = src[int(i)]["question"]
             truth = shapes_eval.answer(shapes.scene(self.split, int(i), self.seed), q)
-            right.append(shapes_eval.normalize_answer(text) == truth)
-            blind.append(prior.get(template(q)) == truth)
-        return {"accuracy": float(np.mean(right)), "prior": float(np.mean(blind))}
+            rows.append((shapes_eval.question_kind(q), shapes_eval.normalize_answer(text) == truth,
+                         prior.get(template(q)) == truth))
+        result = {"accuracy": float(np.mean([r[1] for r in rows])), "prior": float(np.mean([r[2] for r in rows]))}
+        for kind in sorted({r[0] for r in rows}):
+            mine = [r for r in rows if r[0] == kind]
+            result[f"accuracy/{kind}"] = float(np.mean([r[1] for r in mine]))
+            result[f"prior/{kind}"] = float(np.mean([r[2] for r in mine]))
+        return result
 
 
 # ---- the recipe -------------------------------------------------------------------------------
