@@ -9,7 +9,7 @@
 
 Variants: tiny (pre-training), tiny_sft, tiny_sft_hires (64 px by position-embedding
 interpolation), tiny_sft_subimages (64 px as 2x2 crops + overview), and the full-scale
-`3b` / `1b` (ViT-L/14 at 336 px + a 3B / TinyLlama-1.1B-shaped LLM, MM1's batch of 512
+`3b` / `1b` (ViT-L/14 at 336 px + a Qwen2.5-3B- / TinyLlama-1.1B-shaped LLM, MM1's batch of 512
 sequences of 4096 tokens with up to 16 images of 144 tokens); `3b_moe` adds top-2 MoE FFNs.
 """
 
@@ -103,7 +103,9 @@ def _full(c, llm, moe=0):
     _evals(c, n=512)
 
 
-LLM_3B = dict(width=2560, depth=32, num_heads=32, num_kv_heads=8, mlp_dim=6912, vocab_size=0, tie_embeddings=False)
+# Qwen2.5-3B- and TinyLlama-1.1B-shaped, so `mmjax convert hf-import` checkpoints load into them
+LLM_3B = dict(width=2048, depth=36, num_heads=16, num_kv_heads=2, mlp_dim=11008, vocab_size=0, tie_embeddings=True,
+              qkv_bias=True, rope_theta=1e6)
 LLM_1B = dict(width=2048, depth=22, num_heads=32, num_kv_heads=4, mlp_dim=5632, vocab_size=0, tie_embeddings=False)
 
 

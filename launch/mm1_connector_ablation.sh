@@ -7,6 +7,7 @@ set -euo pipefail
 OUT=${1:-workdirs/ablation}
 PT_STEPS=${2:-1000}
 SFT_STEPS=${3:-300}
+mkdir -p "$OUT"
 for kind in avg_pool attn_pool c_abstractor; do
   for tokens in 4 16; do
     run="$OUT/${kind}_${tokens}"

@@ -202,3 +202,26 @@ def test_attention_mask_of_packed_rows(tiny):
         same = seg[r][:, None] == seg[r][None, :]
         np.testing.assert_array_equal(mask[r], same & (k <= q))
     assert (seg.max(1) >= 2).any()  # some rows really hold several documents
+
+
+@pytest.mark.parametrize("variant", ["1b", "3b", "3b_moe"])
+def test_full_scale_configs_build_abstractly(variant):
+    """ViT-L/14 at 336 px + a 1-3B LLM, MM1's batch: parameter counts from abstract shapes."""
+    cfg = load(variant)
+    t = trainer_lib.Trainer(cfg, "")  # validates, abstract init, optimizer: nothing allocated
+    vision = sum(a.size for n, a in _flat(t.abstract_params).items() if n.startswith("vision/"))
+    assert 300e6 < vision < 320e6  # ViT-L/14
+    llm = t.num_params - vision
+    assert {"1b": 0.9e9 < llm < 1.2e9, "3b": 2.4e9 < llm < 3.0e9, "3b_moe": llm > 10e9}[variant], llm
+    assert dict(t.mesh.shape)["fsdp"] == 8 and cfg.data.global_batch_size == 512 and cfg.model.seq_len == 4096
+
+
+def test_full_scale_moe_step_compiles_on_fake_devices():
+    info = cli.check(load("3b_moe"))
+    assert info["params"] > 10e9 and info["argument_bytes"] > 0 and info["mesh"]["fsdp"] == 8
+
+
+def _flat(tree):
+    from mmjax import parallel
+
+    return parallel.flat(tree)
