@@ -225,3 +225,20 @@ def _flat(tree):
     from mmjax import parallel
 
     return parallel.flat(tree)
+
+
+def test_synthetic_captions_are_complete_and_true(tiny):
+    _, recipe, _ = tiny
+    from mmjax.data import shapes
+    from mmjax.eval import shapes_eval
+    from mmjax.recipes import mm1
+
+    src = shapes.ShapesSource("train", "caption", num_records=20)
+    pre = mm1.Preprocess(recipe.fmt, "synthetic", 0, 128, 4)
+    for i in range(20):
+        rec = src[i]
+        text = mm1.dense_caption(rec)
+        assert shapes_eval.caption_correct(text, shapes.scene("train", i), complete=True), text
+        ex = pre(rec)
+        learned = recipe.tokenizer.decode(ex["targets"][ex["loss_mask"] > 0], skip_special_tokens=True)
+        assert learned.strip() == text
