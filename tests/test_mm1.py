@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mmjax import cli, config as config_lib, recipes
@@ -74,7 +75,7 @@ def test_packed_documents_do_not_see_each_other(tiny):
 
 def test_packed_rows_keep_documents_whole_and_mixing_shares(tiny):
     cfg, recipe, _ = tiny
-    cfg = load("tiny", "train.steps=40", *SMALL_DATA)
+    cfg = load("tiny", "train.steps=20", *SMALL_DATA)
     ds = pipeline.train_dataset(cfg, recipe.preprocess, recipe.packing())
     docs = collections.Counter()
     image_id = recipe.fmt.image_id
@@ -173,6 +174,15 @@ def test_pretrain_then_sft_answers_above_chance(tmp_path):
     for name in ("caption", "interleaved", "text"):
         assert rows[-1][f"loss/{name}"] < 0.5 * rows[0][f"loss/{name}"], rows
     cli.export(cfg, pt, str(tmp_path / "export"))
+    from mmjax.recipes import mm1
+
+    model, params, tok = mm1.load_pretrained(str(tmp_path / "export"))  # as IOMM loads its MLLM
+    batch = pipeline.first_batch(pipeline.train_dataset(cfg, recipes.get(cfg).preprocess, recipes.get(cfg).packing()))
+    logits, _ = model.apply({"params": params}, batch["tokens"], mm1.to_float(batch["images"]),
+                            positions=batch["tokens_positions"], segment_ids=batch["tokens_segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"] * (batch["tokens_segment_ids"] > 0)
+    assert float((ce * mask).sum() / mask.sum()) < 0.5 * np.log(len(tok))  # the trained weights, not fresh
 
     sft = load("tiny_sft", f"init.mm1.path={tmp_path / 'export'}", "train.steps=300", "evals.vqa_0shot.num_examples=256")
     final = trainer_lib.train(sft, str(tmp_path / "sft"))

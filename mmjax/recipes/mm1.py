@@ -16,6 +16,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -28,6 +29,7 @@ from mmjax.models.vit import ViT
 from mmjax.models.vlm import VLM
 from mmjax.recipes.base import Evaluator, Recipe as BaseRecipe
 from mmjax.sampling import decode
+from mmjax.train import pretrained
 
 FORMATS = ("caption", "interleaved", "text", "synthetic", "qa")
 
@@ -259,6 +261,18 @@ def build_model(mc, vocab_size: int, image_token_id: int) -> VLM:
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model config: {e}") from e
+
+
+def load_pretrained(path: str) -> tuple[VLM, dict, object]:
+    """(model, params, tokenizer) from the weights folder `mmjax export` writes for an MM1 run:
+    how another recipe (IOMM's frozen MLLM) loads a trained MM1 by path."""
+    params, meta = pretrained.load(path)
+    if meta.get("kind") != "mm1":
+        raise ConfigError(f"{path} holds {meta.get('kind')!r} weights, not an MM1 export (`mmjax export`)")
+    mc = ml_collections.ConfigDict(meta["model"])
+    tokenizer = tok_lib.load(mc.tokenizer or None)
+    model = build_model(mc, mc.llm.vocab_size or len(tokenizer), tokenizer.convert_tokens_to_ids(tok_lib.IMAGE))
+    return model, params, tokenizer
 
 
 class Recipe(BaseRecipe):
