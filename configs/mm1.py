@@ -127,6 +127,8 @@ def get_config(arg=None):
             raise ValueError(f"unknown variant {variant!r}")
     elif variant in ("3b", "1b", "3b_moe"):
         _full(c, LLM_1B if variant == "1b" else LLM_3B, moe=8 if variant == "3b_moe" else 0)
+        if variant == "3b_moe":  # the dense 3B's law value: N counts all experts, not the active ones
+            c.optim.update(lr_law="", lr=5.75e-5, weight_decay=0.1)
     else:
         raise ValueError(f"unknown variant {variant!r}; choose tiny, tiny_sft, tiny_sft_hires, "
                          "tiny_sft_subimages, 1b, 3b or 3b_moe")
