@@ -25,18 +25,25 @@ python - "$OUT" <<'EOF'
 import json, os, sys
 
 out = sys.argv[1]
-def final(path):
-    rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
-    last = {}
-    for r in rows:
-        last.update(r)
-    return last
+def rows(path):
+    return [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
 
-print("| connector | visual tokens | pre-train loss | caption 0-shot | caption 4-shot | VQA 0-shot (after SFT) | VQA answer prior |")
-print("|---|---|---|---|---|---|---|")
+def last(path):  # the final values of every metric (training and evaluators)
+    merged = {}
+    for r in rows(path):
+        merged.update(r)
+    return merged
+
+print("| connector | visual tokens | pre-train loss (last 100 steps) | caption 0-shot | caption 4-shot "
+      "| VQA 0-shot after SFT | VQA prior | colour questions | colour prior |")
+print("|---|---|---|---|---|---|---|---|---|")
 for kind in ("avg_pool", "attn_pool", "c_abstractor"):
     for tokens in (4, 16):
-        pt, sft = final(f"{out}/{kind}_{tokens}/pt"), final(f"{out}/{kind}_{tokens}/sft")
-        print(f"| {kind} | {tokens} | {pt['loss']:.3f} | {pt['caption_0shot/accuracy']:.3f} | "
-              f"{pt['caption_4shot/accuracy']:.3f} | {sft['vqa_0shot/accuracy']:.3f} | {sft['vqa_0shot/prior']:.3f} |")
+        run = f"{out}/{kind}_{tokens}"
+        losses = [r["loss"] for r in rows(f"{run}/pt") if "loss" in r][-5:]
+        pt, sft = last(f"{run}/pt"), last(f"{run}/sft")
+        v = "vqa_0shot/"
+        print(f"| {kind} | {tokens} | {sum(losses) / len(losses):.3f} | {pt['caption_0shot/accuracy']:.3f} | "
+              f"{pt['caption_4shot/accuracy']:.3f} | {sft[v + 'accuracy']:.3f} | {sft[v + 'prior']:.3f} | "
+              f"{sft[v + 'accuracy/color']:.3f} | {sft[v + 'prior/color']:.3f} |")
 EOF
