@@ -139,8 +139,8 @@ class Preprocess:
             for q, a in conversation(record, self.turns):  # each answer ends its turn with EOS
                 pieces += [f.text(qa_prompt(q), False), f.text(a, True), ([f.eos], [True])]
         ids, flags = f.join(pieces, eos=self.kind != "qa")
-        n = len(ids) - 1
-        if n > self.seq_len or len(images) * (5 if f.subimages else 1) > self.image_slots:
+        n, pics = len(ids) - 1, f.pictures(images)
+        if n > self.seq_len or len(pics) > self.image_slots:
             raise ValueError(
                 f"a {self.kind} example needs {n} tokens and {len(images)} images but rows hold "
                 f"model.seq_len={self.seq_len} and model.image_slots={self.image_slots}; raise them"
@@ -150,7 +150,7 @@ class Preprocess:
             "targets": ids[1:],
             "loss_mask": flags[1:].astype(np.float32),
             "component": np.full(n, self.component, np.int32),
-            "images": f.pictures(images),
+            "images": pics,
         }
 
 

@@ -192,13 +192,11 @@ class Trainer:
     def abstract_batch_from_config(self):
         """The global batch's abstract arrays, from one preprocessed row (no batch is drawn)."""
         row = pipeline.example_row(self.config, self.recipe.preprocess, self.recipe.packing())
-        gb = self.config.data.global_batch_size
-        return {
-            k: jax.ShapeDtypeStruct((gb, *np.shape(v)), np.asarray(v).dtype, sharding=self.batch_sharding)
-            for k, v in row.items()
-        }
+        local = self.config.data.global_batch_size // jax.process_count()
+        return self.abstract_batch({k: jax.ShapeDtypeStruct((local, *np.shape(v)), np.asarray(v).dtype) for k, v in row.items()})
 
     def abstract_batch(self, local_batch: dict):
+        """The global batch's abstract arrays from this process's batch (arrays or shape structs)."""
         n = jax.process_count()
         return {
             k: jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
