@@ -194,7 +194,7 @@ def bare_step(compiled, state, batch, steps: int):
     jax.block_until_ready(state)
     t0, busy0 = time.perf_counter(), busy_seconds()
     for _ in range(steps):
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, {}, batch)
     jax.block_until_ready((state, metrics))
     return (time.perf_counter() - t0) / steps, (busy_seconds() - busy0) / steps, state
 

@@ -51,7 +51,9 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    hf = tr.LlamaForCausalLM(tr.LlamaConfig(**model_throughput.LLM, bos_token_id=None, eos_token_id=None)).eval()
+    hf = tr.LlamaForCausalLM(
+        tr.LlamaConfig(**model_throughput.LLM, bos_token_id=None, eos_token_id=None)
+    ).eval()
     params, meta = hf_llm.to_mmjax(hf.config.to_dict(), {k: v.numpy() for k, v in hf.state_dict().items()})
     model, params = LLM(**meta["model"]), jax.device_put(params)
     monitor = common.CpuMonitor()
@@ -89,8 +91,11 @@ def main():
                 sec, _, load, tries = model_throughput.measure(lambda: runners[name](prompts), args)
                 times[name].append(sec)
                 other.append(load)
-                print(f"round {r} batch {b} {name}: {b * args.new / sec:.1f} tokens/s, "
-                      f"other load {load:.2f} (try {tries})", flush=True)
+                print(
+                    f"round {r} batch {b} {name}: {b * args.new / sec:.1f} tokens/s, "
+                    f"other load {load:.2f} (try {tries})",
+                    flush=True,
+                )
         raw[b] = times
         for name in runners:
             sec = common.median(times[name])
@@ -106,7 +111,11 @@ def main():
 
     cols = ["batch", "impl", "tokens_per_s", "range", "vs_hf", "call_s", "ms_per_token_step"]
     cols += ["first_call_s", "compile_s", "same_ids", "other_cores"]
-    info = {"torch": torch.__version__, "transformers": tr.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    info = {
+        "torch": torch.__version__,
+        "transformers": tr.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     print(f"\n{info}")
     common.report(
         "decode",

@@ -20,7 +20,7 @@ start and served from memory); `render` renders every record on the fly.
 
 The same fit is instrumented: over the same window, wall ms per step spent in
 `parallel.global_batch`, dispatching the compiled step, blocked at the metric sync
-(device_sync), writing metrics, `Progress.update`, `_check_bad_steps`, and what is left:
+(device_sync), writing metrics, `Progress.update`, `_check_streak`, and what is left:
 `next(data_iter)` (data_wait). The loop runs up to log_every steps ahead of the device, so
 data_wait overlaps queued compute; what a CPU host loses shows in cpu_ms, the machine's CPU
 ms per step (all processes, from /proc/stat: only meaningful with other_cores ~ 0) against
@@ -110,7 +110,7 @@ class Probe:
         self._timed(parallel, "global_batch", "global_batch")
         self._timed(metrics.MetricWriter, "write", "metrics_write", before=self._sync)
         self._timed(metrics.Progress, "update", "progress")
-        self._timed(trainer.Trainer, "_check_bad_steps", "bad_step_check")
+        self._timed(trainer.Trainer, "_check_streak", "bad_step_check")
         return self
 
     def __exit__(self, *exc):

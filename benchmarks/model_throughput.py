@@ -200,7 +200,9 @@ def profile(framework: str, step, top: int = 10) -> list[tuple[str, list[dict], 
             step()
         events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
         rows = [{"op": e.key[:60], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in events]
-        return [("torch ops, one step (self ms on the calling thread):", rows[:top], ["op", "calls", "self_ms"])]
+        return [
+            ("torch ops, one step (self ms on the calling thread):", rows[:top], ["op", "calls", "self_ms"])
+        ]
     import jax
 
     meta = {}  # HLO instruction -> (shape, jax op name)
@@ -217,9 +219,19 @@ def profile(framework: str, step, top: int = 10) -> list[tuple[str, list[dict], 
     kinds = collections.Counter()
     for name, t in ms.items():
         op = meta[name][1]
-        kinds["dot" if "dot_general" in op else "copy/transpose" if name.startswith(("copy", "transpose")) else "other"] += t
-    by_kind = [{"kind": k, "ms": t} for k, t in kinds.most_common()] + [{"kind": "all", "ms": sum(kinds.values())}]
-    ops = [{"op": n, "ms": t, "shape": meta[n][0], "jax_op": meta[n][1][-70:]} for n, t in ms.most_common(top)]
+        kinds[
+            "dot"
+            if "dot_general" in op
+            else "copy/transpose"
+            if name.startswith(("copy", "transpose"))
+            else "other"
+        ] += t
+    by_kind = [{"kind": k, "ms": t} for k, t in kinds.most_common()] + [
+        {"kind": "all", "ms": sum(kinds.values())}
+    ]
+    ops = [
+        {"op": n, "ms": t, "shape": meta[n][0], "jax_op": meta[n][1][-70:]} for n, t in ms.most_common(top)
+    ]
     return [
         ("XLA op time by kind, one step (ms):", by_kind, ["kind", "ms"]),
         ("top XLA ops (ms):", ops, ["op", "ms", "shape", "jax_op"]),
@@ -280,17 +292,23 @@ def main():
             for _ in range(args.warmup - 1):
                 step()
             warm_s[(kind, *key)] = time.perf_counter() - t0
-            print(f"{kind} {key[0]} {key[1]}: first loss {first_loss[(kind, *key)]:.6f}, warm-up "
-                  f"{warm_s[(kind, *key)]:.1f} s", flush=True)
+            print(
+                f"{kind} {key[0]} {key[1]}: first loss {first_loss[(kind, *key)]:.6f}, warm-up "
+                f"{warm_s[(kind, *key)]:.1f} s",
+                flush=True,
+            )
         for r in range(args.rounds):
             keys = list(steps)
-            keys = keys[r % len(keys):] + keys[: r % len(keys)]  # rotate the order every round
+            keys = keys[r % len(keys) :] + keys[: r % len(keys)]  # rotate the order every round
             for key in keys:
                 sec, cores, other, tries = measure(lambda: [steps[key]() for _ in range(args.steps)], args)
                 run = {"step_s": sec / args.steps, "cores": cores, "other": other, "tries": tries}
                 runs.setdefault((kind, *key), []).append(run)
-                print(f"round {r} {kind} {key[0]} {key[1]}: {run['step_s']:.3f} s/step, {cores:.2f} cores, "
-                      f"other load {other:.2f} (try {tries})", flush=True)
+                print(
+                    f"round {r} {kind} {key[0]} {key[1]}: {run['step_s']:.3f} s/step, {cores:.2f} cores, "
+                    f"other load {other:.2f} (try {tries})",
+                    flush=True,
+                )
         per_step = LLM_BATCH * SEQ if kind == "llm" else VIT_BATCH
         unit = "tokens/s" if kind == "llm" else "images/s"
         ref = [runs[(kind, "torch", v)] for v in TORCH if (kind, "torch", v) in runs]
@@ -302,19 +320,25 @@ def main():
             row["range"] = common.spread([per_step / r["step_s"] for r in rs])
             row["cores"] = common.median([r["cores"] for r in rs])
             other = [r["other"] for r in rs]
-            row["other_cores"] = f"{common.median(other):.2f} (max {max(other):.2f}, {sum(r['tries'] for r in rs)} runs)"
+            row["other_cores"] = (
+                f"{common.median(other):.2f} (max {max(other):.2f}, {sum(r['tries'] for r in rs)} runs)"
+            )
             row["first_loss"] = f"{first_loss[(kind, *key)]:.6f}"
             row["warmup_s"] = warm_s[(kind, *key)]
             for name, tr_runs in zip([v for v in TORCH if (kind, "torch", v) in runs], ref):
                 # median over rounds of (this variant's throughput / that torch variant's, same round)
-                row[f"vs_torch_{name}"] = common.median([t["step_s"] / m["step_s"] for m, t in zip(rs, tr_runs)])
+                row[f"vs_torch_{name}"] = common.median(
+                    [t["step_s"] / m["step_s"] for m, t in zip(rs, tr_runs)]
+                )
             rows.append(row)
         losses = [first_loss[(kind, *k)] for k in steps]
         print(f"{kind}: first-step losses agree to {max(losses) - min(losses):.2e}", flush=True)
         if args.profile:
             for (framework, variant), step in steps.items():
                 for title, prof_rows, prof_cols in profile(framework, step):
-                    print(f"\n{kind} {framework} {variant}: {title}\n{common.markdown_table(prof_rows, prof_cols)}")
+                    print(
+                        f"\n{kind} {framework} {variant}: {title}\n{common.markdown_table(prof_rows, prof_cols)}"
+                    )
 
     ratio_cols = [f"vs_torch_{v}" for v in TORCH if any(f"vs_torch_{v}" in r for r in rows)]
     cols = ["model", "framework", "variant", "step_s", "throughput", "unit", "range", *ratio_cols]

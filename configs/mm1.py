@@ -27,7 +27,12 @@ def _evals(c, tasks=("caption", "vqa"), shots=(0, 4, 8), n=64):
 
 def _moe(num_experts=0):
     return dict(
-        num_experts=num_experts, top_k=2, every=1, capacity_factor=1.25, load_balance_weight=0.01, z_loss_weight=0.001
+        num_experts=num_experts,
+        top_k=2,
+        every=1,
+        capacity_factor=1.25,
+        load_balance_weight=0.01,
+        z_loss_weight=0.001,
     )
 
 
@@ -38,13 +43,23 @@ def _tiny(c):
         ("interleaved", "interleaved", "interleaved", 45.0),
         ("text", "text", "text", 10.0),
     ):
-        c.data.components[name] = C.component(view=view, format=fmt, weight=weight, num_records=2048, cache=True)
+        c.data.components[name] = C.component(
+            view=view, format=fmt, weight=weight, num_records=2048, cache=True
+        )
     c.model = dict(
         vision=dict(patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=128, posemb_size=0),
         # MM1: connector type barely matters (RESULTS.md); average pooling is the cheapest on a CPU
         connector=dict(kind="avg_pool", num_tokens=16),
-        llm=dict(width=128, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=256, tie_embeddings=True, vocab_size=0,
-                 moe=_moe()),
+        llm=dict(
+            width=128,
+            depth=2,
+            num_heads=4,
+            num_kv_heads=2,
+            mlp_dim=256,
+            tie_embeddings=True,
+            vocab_size=0,
+            moe=_moe(),
+        ),
         seq_len=128,
         image_slots=4,
         subimages=False,
@@ -54,6 +69,9 @@ def _tiny(c):
         remat="",
     )
     c.data.global_batch_size = 16
+    # start from converted checkpoints of these shapes (README: "start from a Hugging Face checkpoint")
+    c.init.vision = dict(path="", into="vision", skip="")
+    c.init.llm = dict(path="", into="llm", skip="")
     c.optim.update(lr_law="mm1", warmup_steps=20, lr_floor=0.1)
     c.train.update(steps=400, log_every=20, save_every=200)
     _evals(c)
@@ -80,8 +98,18 @@ def _full(c, llm, moe=0):
         text=C.component(view="text", format="text", weight=10.0),
     )
     c.model = dict(
-        vision=dict(patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096, class_token=True,
-                    pre_norm=True, act="quick_gelu", layer_norm_eps=1e-5, posemb_size=0),
+        vision=dict(
+            patch_size=14,
+            width=1024,
+            depth=24,
+            num_heads=16,
+            mlp_dim=4096,
+            class_token=True,
+            pre_norm=True,
+            act="quick_gelu",
+            layer_norm_eps=1e-5,
+            posemb_size=0,
+        ),
         connector=dict(kind="c_abstractor", num_tokens=144),
         llm=dict(**llm, moe=_moe(moe)),
         seq_len=4096,
@@ -104,13 +132,48 @@ def _full(c, llm, moe=0):
 
 
 # Qwen2.5-3B- and TinyLlama-1.1B-shaped, so `mmjax convert hf-import` checkpoints load into them
-LLM_3B = dict(width=2048, depth=36, num_heads=16, num_kv_heads=2, mlp_dim=11008, vocab_size=0, tie_embeddings=True,
-              qkv_bias=True, rope_theta=1e6)
-LLM_1B = dict(width=2048, depth=22, num_heads=32, num_kv_heads=4, mlp_dim=5632, vocab_size=0, tie_embeddings=False)
+LLM_3B = dict(
+    width=2048,
+    depth=36,
+    num_heads=16,
+    num_kv_heads=2,
+    mlp_dim=11008,
+    vocab_size=0,
+    tie_embeddings=True,
+    qkv_bias=True,
+    rope_theta=1e6,
+)
+LLM_1B = dict(
+    width=2048,
+    depth=22,
+    num_heads=32,
+    num_kv_heads=4,
+    mlp_dim=5632,
+    vocab_size=0,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+)
+
+
+VARIANTS = (
+    "tiny",
+    "tiny_sft",
+    "tiny_sft_hires",
+    "tiny_sft_subimages",
+    "tiny_pipeline",
+    "1b",
+    "3b",
+    "3b_moe",
+    "1b_pipeline",
+)
 
 
 def get_config(arg=None):
     variant = arg or "tiny"
+    if variant.endswith("_pipeline"):  # pre-training, export, then SFT from it, as one run
+        scale = variant.removesuffix("_pipeline")
+        sft = get_config("tiny_sft") if scale == "tiny" else _full_sft(get_config(scale))
+        return C.pipeline(("pretrain", get_config(scale), {}), ("sft", sft, {"init.mm1": "pretrain"}))
     c = C.base()
     c.recipe = "mm1"
     if variant.startswith("tiny"):
@@ -124,12 +187,22 @@ def get_config(arg=None):
             _sft(c)
             c.data.image_size, c.model.subimages, c.model.image_slots = 64, True, 5
         elif variant != "tiny":
-            raise ValueError(f"unknown variant {variant!r}")
+            raise C.ConfigError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     elif variant in ("3b", "1b", "3b_moe"):
         _full(c, LLM_1B if variant == "1b" else LLM_3B, moe=8 if variant == "3b_moe" else 0)
         if variant == "3b_moe":  # the dense 3B's law value: N counts all experts, not the active ones
             c.optim.update(lr_law="", lr=5.75e-5, weight_decay=0.1)
     else:
-        raise ValueError(f"unknown variant {variant!r}; choose tiny, tiny_sft, tiny_sft_hires, "
-                         "tiny_sft_subimages, 1b, 3b or 3b_moe")
+        raise C.ConfigError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    return c
+
+
+def _full_sft(c):
+    """SFT of a full-scale pre-training config: MM1's question -> answer data at the same scale."""
+    c.data.components = dict(qa=C.component(view="qa", format="qa", weight=1.0, turns=4))
+    c.init.mm1 = dict(path="", into="", skip="")
+    c.optim.update(lr_law="", lr=2e-5, warmup_steps=500, lr_floor=0.1)
+    c.train.update(steps=10_000)
+    c.evals = {}
+    _evals(c, tasks=("vqa",), shots=(0,), n=512)
     return c

@@ -7,6 +7,9 @@ Variants: tiny (CPU/CI, under a minute on 2 cores), base (ViT-B/4 at 64px, a GPU
 from mmjax import config as C
 
 
+VARIANTS = ("tiny", "base")
+
+
 def get_config(arg=None):
     variant = arg or "tiny"
     c = C.base()
@@ -52,5 +55,5 @@ def get_config(arg=None):
         c.train.update(steps=50_000, log_every=100, save_every=2000, eval_every=5000, ema_decay=0.9999)
         c.evals.val.num_examples = 2048
     else:
-        raise ValueError(f"unknown variant {variant!r}; choose tiny or base")
+        raise C.ConfigError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     return c

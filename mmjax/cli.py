@@ -1,18 +1,24 @@
 """mmjax command line.
 
-  mmjax train --config configs/NAME.py[:VARIANT] --workdir DIR [--config.key.sub=VALUE ...]
-  mmjax eval  --config configs/NAME.py[:VARIANT] --workdir DIR [--config.key.sub=VALUE ...]
-  mmjax check  --config configs/NAME.py[:VARIANT]            # validate, init abstractly, compile the step
-  mmjax export --config configs/NAME.py[:VARIANT] --workdir DIR [--out DST]  # weights folder (config.init)
+  mmjax train  --config configs/NAME.py[:VARIANT] --workdir DIR [--config.key.sub=VALUE ...]
+  mmjax eval   --config ... --workdir DIR            # the recipe's evaluators on the latest checkpoint
+  mmjax sample --config ... --workdir DIR (--prompt TEXT | --prompts FILE) [--image REF.png] --out OUT
+  mmjax export --config ... --workdir DIR [--part NAME] [--out DST]   # a weights folder (config.init)
+  mmjax check  --config ...                          # validate, init abstractly, compile the step
+  mmjax plot   DIR [--out PNG]                       # the loss curves of a run (also written after training)
   mmjax convert hf-import SRC DST   # local HF folder (safetensors) -> mmjax weights (config.init)
   mmjax convert hf-export SRC DST   # mmjax LLM weights -> a folder transformers loads
 
-`train` resumes from the latest checkpoint in DIR when there is one. `eval` runs the
-recipe's evaluators on the latest checkpoint and prints and saves their table
-(DIR/eval/step_N.json and .md). `check` compiles a config's train step from abstract shapes (no weights are allocated) and
-prints its per-device memory: try a cluster config on fake CPU devices before launching it,
-e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8. `export` writes the latest checkpoint's parameters (the EMA
-when there is one) as a weights folder (default DIR/export) that any config's `init` can name.
+`train` resumes from the latest checkpoint in DIR when there is one; a pipeline config (a variant
+that declares stages) runs its stages in order into DIR/<stage>, skipping finished ones, and
+`eval` / `sample` / `export` on its DIR use the last stage. `eval` prints the table and writes it
+to DIR/eval/step_N.{json,md} (artefacts under DIR/eval/step_N/). `sample` writes PNGs (or texts)
+and index.jsonl to OUT (`shapes-eval --images OUT --prompts OUT/index.jsonl` scores images).
+`check` compiles a config's train step from abstract shapes (no weights are allocated) and prints
+its per-device memory: try a cluster config on fake CPU devices before launching it, e.g.
+XLA_FLAGS=--xla_force_host_platform_device_count=8. `export` writes the latest checkpoint's
+parameters (the EMA when there is one), or the part `--part` names (e.g. `llm`), as a weights
+folder (default DIR/export or DIR/export_PART). Frozen models are never exported.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from mmjax.config import ConfigError
@@ -32,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("train", "train (or resume) a run"),
+        ("train", "train (or resume) a run, or every stage of a pipeline"),
         ("eval", "evaluate the latest checkpoint"),
+        ("sample", "run the recipe's sampler on the latest checkpoint"),
         ("export", "write the latest checkpoint's weights as a folder config.init can load"),
         ("check", "validate a config and compile its train step abstractly"),
     ):
@@ -42,7 +48,20 @@ def _parser() -> argparse.ArgumentParser:
         if name != "check":
             p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tb/")
         if name == "export":
-            p.add_argument("--out", default="", help="destination folder (default: WORKDIR/export)")
+            p.add_argument("--out", default="", help="destination folder (default: WORKDIR/export[_PART])")
+            p.add_argument("--part", default="", help="a part of the model the recipe exports, e.g. llm")
+        if name == "sample":
+            src = p.add_mutually_exclusive_group(required=True)
+            src.add_argument("--prompt", help="one prompt")
+            src.add_argument(
+                "--prompts", help="JSONL, one object with 'text' per line (shapes-eval prompt files work)"
+            )
+            p.add_argument("--image", default="", help="a reference image (PNG/JPEG) for every prompt")
+            p.add_argument("--num-samples", type=int, default=1, help="outputs per prompt")
+            p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("plot", help="plot a run's loss curves to a PNG")
+    p.add_argument("workdir")
+    p.add_argument("--out", default="", help="default: WORKDIR/loss.png")
     p = sub.add_parser("convert", help="convert weights between Hugging Face and mmjax")
     p.add_argument("direction", choices=["hf-import", "hf-export"])
     p.add_argument("src")
@@ -67,20 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return convert(args.direction, args.src, args.dst)
     from mmjax import config as config_lib, parallel  # heavy imports after argument parsing
-    from mmjax.train import trainer as trainer_lib
+    from mmjax.train import stages, trainer as trainer_lib
 
     try:
+        if args.command == "plot":
+            from mmjax.train import metrics
+
+            print(metrics.plot(args.workdir, args.out or None))
+            return 0
         config = config_lib.load(args.config, overrides)
         parallel.maybe_initialize_distributed()
         if args.command == "train":
-            final = trainer_lib.train(config, args.workdir)
-            print(json.dumps(final))
-        elif args.command == "check":
+            print(json.dumps(stages.train(config, args.workdir)))
+            return 0
+        config, workdir = stages.last(config, args.workdir)
+        if args.command == "check":
             print(json.dumps(check(config)))
         elif args.command == "eval":
-            print(evaluate(config, args.workdir))
+            print(evaluate(config, workdir))
+        elif args.command == "sample":
+            print(json.dumps(sample(config, workdir, args)))
         else:
-            print(json.dumps(export(config, args.workdir, args.out or os.path.join(args.workdir, "export"))))
+            default = f"{workdir}/export" + (f"_{args.part}" if args.part else "")
+            print(json.dumps(export(config, workdir, args.out or default, args.part)))
     except ConfigError as e:
         print(f"mmjax: config error: {e}", file=sys.stderr)
         return 2
@@ -100,7 +128,7 @@ def convert(direction: str, src: str, dst: str) -> int:
     except (hf.ConversionError, ConfigError) as e:
         print(f"mmjax convert: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"wrote": os.path.abspath(dst), **{k: v for k, v in meta.items() if k != "model"}}))
+    print(json.dumps({"wrote": dst, **{k: v for k, v in meta.items() if k != "model"}}))
     return 0
 
 
@@ -118,44 +146,88 @@ def check(config) -> dict:
     return {**info, "mesh": dict(trainer.mesh.shape), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _latest(config, workdir: str):
-    """(trainer, restored state, step) for the latest checkpoint in `workdir`."""
-    from mmjax.train import trainer as trainer_lib, checkpoint as ckpt_lib
+def export(config, workdir: str, dst: str, part: str = "") -> dict:
+    """Writes the latest checkpoint's (EMA) weights of `part` ('' = the whole model) to `dst`."""
+    from mmjax.train import trainer as trainer_lib
 
-    trainer = trainer_lib.Trainer(config, workdir)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep)
-    if ckpt.latest_step() is None:
-        raise ConfigError(f"no checkpoint in {workdir}/checkpoints; train first (mmjax train ...)")
-    state, step = ckpt.restore(trainer.abstract_state_with_shardings())
-    ckpt.close()
-    return trainer, state, step
-
-
-def export(config, workdir: str, dst: str) -> dict:
-    """Writes the latest checkpoint's (EMA) parameters and the model config to `dst`."""
-    from mmjax import config as config_lib
-    from mmjax.train import pretrained
-
-    _, state, step = _latest(config, workdir)
-    meta = {"kind": config.recipe, "model": config_lib.to_json(config.model), "step": step, "source": workdir}
-    pretrained.save(dst, state.eval_params(), meta)
-    return {"wrote": os.path.abspath(dst), "step": step}
+    return trainer_lib.Trainer(config, workdir).export(dst, part)
 
 
 def evaluate(config, workdir: str) -> str:
     """Evaluates the latest checkpoint in `workdir`; returns the table as markdown."""
-    trainer, state, step = _latest(config, workdir)
-    results = trainer.evaluate(state.eval_params())
+    from mmjax.eval import artefacts
+    from mmjax.paths import resolve
+    from mmjax.train import metrics
+
+    from mmjax.train import trainer as trainer_lib
+
+    trainer = trainer_lib.Trainer(config, workdir)
+    state, frozen, _, step = trainer.latest()
+    results = trainer.evaluate(state, frozen)
+    saved = metrics.save_artefacts(workdir, step, results)
+    scalars = {k: v for k, v in results.items() if not isinstance(v, artefacts.ARTEFACTS)}
     table = "| metric | value |\n|---|---|\n" + "".join(
-        f"| {k} | {v:.4f} |\n" for k, v in sorted(results.items())
+        f"| {k} | {v:.4f} |\n" for k, v in sorted(scalars.items())
     )
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"step_{step}.json"), "w") as f:
-        json.dump({"step": step, **results}, f, indent=1)
-    with open(os.path.join(out, f"step_{step}.md"), "w") as f:
-        f.write(f"step {step}\n\n{table}")
+    table += "".join(f"| {k} | {v} |\n" for k, v in sorted(saved.items()))
+    out = resolve(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"step_{step}.json").write_text(json.dumps({"step": step, **scalars, **saved}, indent=1))
+    (out / f"step_{step}.md").write_text(f"step {step}\n\n{table}")
     return f"step {step}\n{table}"
+
+
+def sample(config, workdir: str, args) -> dict:
+    """Runs the recipe's sampler on the latest checkpoint; writes PNGs or texts and index.jsonl."""
+    import numpy as np
+    from PIL import Image
+
+    from mmjax.paths import resolve
+
+    if args.prompt is not None:
+        prompts = [{"text": args.prompt}]
+    else:
+        file = resolve(args.prompts)
+        if not file.exists():
+            raise ConfigError(f"--prompts {args.prompts}: no such file")
+        prompts = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    if args.image:
+        with resolve(args.image).open("rb") as f:
+            image = np.asarray(Image.open(f).convert("RGB"))
+        prompts = [{**p, "image": image} for p in prompts]
+    from mmjax.train import trainer as trainer_lib
+
+    from mmjax.recipes.base import Recipe
+
+    trainer = trainer_lib.Trainer(config, workdir)
+    if type(trainer.recipe).sample is Recipe.sample:
+        trainer.recipe.sample(None, [], 0, None)  # raises the recipe's "no sampler" error
+    state, frozen, _, step = trainer.latest()
+    ctx = trainer.context(state, "sample")
+    with trainer._context():
+        outputs = trainer.recipe.sample(trainer.full_params(state, frozen), prompts, args.num_samples, ctx)
+    out = resolve(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, images = [], 0
+    for i, (p, samples) in enumerate(zip(prompts, outputs)):
+        fields = {k: v for k, v in p.items() if k not in ("image", "file")}
+        for j, s in enumerate(samples):
+            if "image" in s:
+                name = f"{i:05d}_{j}.png"
+                with (out / name).open("wb") as f:
+                    Image.fromarray(np.asarray(s["image"], np.uint8)).save(f, format="PNG")
+                lines.append({"file": name, **fields, "sample": j})
+                images += 1
+            else:
+                lines.append({**fields, "sample": j, "output": s["text"]})
+    (out / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return {
+        "wrote": str(out),
+        "step": step,
+        "prompts": len(prompts),
+        "images": images,
+        "texts": len(lines) - images,
+    }
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ import os
 import ml_collections
 
 
-DATA_SOURCES = ("shapes",)
-
-
 class ConfigError(ValueError):
     """A config that cannot run; the message says what to change."""
 
@@ -35,11 +32,37 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(arg) function")
+    variants = getattr(module, "VARIANTS", None)
+    if variants is not None and (arg or variants[0]) not in variants:
+        raise ConfigError(f"{path} has no variant {arg!r}; variants: {', '.join(variants)}")
     config = module.get_config(arg or None)
     config.lock()
     for override in overrides:
         apply_override(config, override)
     return config
+
+
+def pipeline(*stages) -> ml_collections.ConfigDict:
+    """A multi-stage run: `stages` are (name, config, links) in order; `links` maps a config entry of
+    that stage to an earlier stage whose export fills its path: {"init.mm1": "pretrain"} starts
+    from it, {"frozen.mllm": "mllm"} holds it fixed ("stage:part" names an export part). Each stage's
+    config is a key of the pipeline, so `--config.sft.train.steps=100` overrides one stage."""
+    c = ml_collections.ConfigDict()
+    c.stages = tuple(name for name, _, _ in stages)
+    c.links = ml_collections.ConfigDict({name: tuple(sorted(links.items())) for name, _, links in stages})
+    for name, config, links in stages:
+        for key, source in links.items():
+            section, _, entry = key.partition(".")
+            if section not in ("init", "frozen") or entry not in config[section]:
+                raise ConfigError(
+                    f"pipeline stage {name!r}: link {key!r} names no init/frozen entry of its config"
+                )
+            if source.partition(":")[0] not in c.stages[: c.stages.index(name)]:
+                raise ConfigError(
+                    f"pipeline stage {name!r}: {key} comes from {source!r}, not an earlier stage"
+                )
+        c[name] = config
+    return c
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
@@ -82,6 +105,8 @@ def _coerce(raw: str, old, key: str):
             raise ConfigError(f"{key} is a bool; got {raw!r}")
     elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    elif isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)  # e.g. --config.evals={} (no evaluators)
     elif isinstance(old, str):
         return value if isinstance(value, str) else raw
     elif (
@@ -131,12 +156,18 @@ def batch_axes(config) -> tuple[str, ...]:
 
 def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Checks a config before anything compiles; returns the resolved mesh shape."""
+    from mmjax.data import pipeline  # the registries of data sources and optimizers
+    from mmjax.train import optim
+
     shape = mesh_shape(config.mesh, num_devices)
     unknown = [a for a in batch_axes(config) if a not in shape]
     if unknown:
         raise ConfigError(f"sharding rule for 'batch' names mesh axes {unknown} that config.mesh lacks")
     dp = math.prod(shape[a] for a in batch_axes(config))
-    gb, accum = config.data.global_batch_size, config.train.grad_accum
+    tc = config.train
+    if tc.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum={tc.grad_accum} must be >= 1 (1 = no accumulation)")
+    gb, accum = config.data.global_batch_size, tc.grad_accum
     if gb % (dp * accum):
         raise ConfigError(
             f"data.global_batch_size={gb} must be divisible by the data-parallel size {dp} "
@@ -145,37 +176,74 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]
         )
     if gb % num_processes:
         raise ConfigError(f"data.global_batch_size={gb} must be divisible by the {num_processes} processes")
+    for key in ("steps", "log_every", "save_every", "eval_every", "keep_period", "max_bad_steps"):
+        if tc[key] < 0 or (key == "steps" and tc[key] == 0):
+            off = "" if key == "steps" else " (0 turns it off)"
+            raise ConfigError(f"train.{key}={tc[key]} must be {'> 0' if key == 'steps' else '>= 0'}{off}")
+    if tc.keep < 1:
+        raise ConfigError(f"train.keep={tc.keep} must be >= 1 (how many recent checkpoints to keep)")
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={tc.ema_decay} must be in [0, 1) (0 = no EMA; e.g. 0.999)")
     if not config.data.components:
         raise ConfigError("data.components is empty; name at least one data source")
     for name, comp in config.data.components.items():
+        where = f"data.components.{name}"
         if comp.weight <= 0:
-            raise ConfigError(f"data.components.{name}.weight={comp.weight} must be > 0")
-        if comp.source not in DATA_SOURCES:
+            raise ConfigError(f"{where}.weight={comp.weight} must be > 0")
+        _check_source(comp, where, pipeline.SOURCES)
+    for name, ev in config.evals.items():
+        where = f"evals.{name}"
+        _check_source(ev, where, pipeline.SOURCES)
+        if ev.batch_size % math.lcm(dp, num_processes):
             raise ConfigError(
-                f"data.components.{name}.source={comp.source!r}; available: {', '.join(DATA_SOURCES)}"
+                f"{where}.batch_size={ev.batch_size} must be divisible by the data-parallel size {dp} "
+                f"and the {num_processes} processes; use a multiple of {math.lcm(dp, num_processes)}"
             )
-        if comp.get("cache") and not comp.get("num_records"):
+        if ev.num_examples % ev.batch_size:
             raise ConfigError(
-                f"data.components.{name}.cache=True needs a finite data.components.{name}.num_records "
-                f"(how many records to hold in memory)"
+                f"{where}.num_examples={ev.num_examples} must be a multiple of its batch_size={ev.batch_size}"
             )
-        if comp.get("path") and not os.path.exists(os.path.expanduser(comp.path)):
-            raise ConfigError(
-                f"data.components.{name}.path={comp.path!r} does not exist; point it at the local "
-                f"data (mmjax never downloads) or drop the component"
-            )
-    for name, spec in config.get("init", {}).items():
-        unknown = set(spec) - {"path", "into", "skip"}
-        if unknown:
-            raise ConfigError(f"init.{name} has unknown keys {sorted(unknown)}; use path, into, skip")
-        if spec.get("path") and not os.path.exists(os.path.join(os.path.expanduser(spec.path), "mmjax.json")):
-            raise ConfigError(
-                f"init.{name}.path={spec.get('path')!r} is not an mmjax weights folder; make one with "
-                f"`mmjax convert hf-import SRC DST` or fix the path"
-            )
-    if config.optim.name not in ("adamw", "lamb", "adafactor"):
-        raise ConfigError(f"optim.name={config.optim.name!r}; choose adamw, lamb or adafactor")
+    for section, keys in (("init", {"path", "into", "skip"}), ("frozen", {"path", "into", "dtype"})):
+        for name, spec in config.get(section, {}).items():
+            unknown = set(spec) - keys
+            if unknown:
+                raise ConfigError(
+                    f"{section}.{name} has unknown keys {sorted(unknown)}; use {', '.join(sorted(keys))}"
+                )
+            if spec.get("path") and not _is_weights_folder(spec.path):
+                raise ConfigError(
+                    f"{section}.{name}.path={spec.get('path')!r} is not an mmjax weights folder; make one with "
+                    f"`mmjax convert hf-import SRC DST` or `mmjax export`, or fix the path"
+                )
+    if config.optim.name not in optim.OPTIMIZERS:
+        raise ConfigError(f"optim.name={config.optim.name!r}; choose {', '.join(optim.OPTIMIZERS)}")
     return shape
+
+
+def _check_source(comp, where: str, sources) -> None:
+    if comp.source not in sources:
+        raise ConfigError(f"{where}.source={comp.source!r}; available: {', '.join(sources)}")
+    if comp.get("cache") and not comp.get("num_records"):
+        raise ConfigError(
+            f"{where}.cache=True needs a finite {where}.num_records (how many records to hold in memory)"
+        )
+    if comp.get("path") and not _exists(comp.path):
+        raise ConfigError(
+            f"{where}.path={comp.path!r} does not exist; point it at the local data (mmjax never "
+            f"downloads) or drop the component"
+        )
+
+
+def _exists(p) -> bool:
+    from mmjax.paths import resolve
+
+    return resolve(p).exists()
+
+
+def _is_weights_folder(p) -> bool:
+    from mmjax.paths import resolve
+
+    return (resolve(p) / "mmjax.json").exists()
 
 
 # Logical axis -> mesh axes. Activations (`act_*`) and parameters have separate names so
@@ -240,10 +308,11 @@ def base() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         dict(
             steps=100,
+            # 0 turns each off: logs and saves then happen at the last step (and on preemption) only
             log_every=10,
             eval_every=0,
             save_every=100,
-            keep=3,
+            keep=3,  # recent checkpoints kept; keep_period > 0 also keeps every keep_period-th
             keep_period=0,
             grad_accum=1,
             ema_decay=0.0,
@@ -251,9 +320,18 @@ def base() -> ml_collections.ConfigDict:
         )
     )
     c.evals = ml_collections.ConfigDict()
-    # Pretrained weights (mmjax/train/pretrained.py): name -> dict(path, into, skip).
+    # Weights to start from (mmjax/weights.py): name -> dict(path, into, skip).
     c.init = ml_collections.ConfigDict()
-    c.debug = ml_collections.ConfigDict(dict(kill_at_step=-1, kill_signal="SIGKILL"))
+    # Models held fixed, loaded at every start and never saved: name -> dict(path, into, dtype).
+    c.frozen = ml_collections.ConfigDict()
+    # Weights & Biases, besides metrics.jsonl and TensorBoard (process 0; mode online/offline/disabled).
+    c.wandb = ml_collections.ConfigDict(
+        dict(enabled=False, project="mmjax", entity="", name="", mode="online", tags=())
+    )
+    # Fault injection for tests: a signal at a step (to one process, or -1: all); non-finite inputs from a step on.
+    c.debug = ml_collections.ConfigDict(
+        dict(kill_at_step=-1, kill_signal="SIGKILL", kill_process=-1, nan_from_step=-1)
+    )
     return c
 
 

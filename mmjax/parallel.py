@@ -7,12 +7,10 @@ Modules annotate parameters and activations with logical names (`batch`, `embed`
 from __future__ import annotations
 
 import os
-import re
 
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import config as config_lib
@@ -48,20 +46,6 @@ def logical_shardings(logical_specs, mesh, config):
 
 def batch_sharding(mesh, config) -> NamedSharding:
     return NamedSharding(mesh, P(config_lib.batch_axes(config) or None))
-
-
-def flat(tree) -> dict[str, object]:
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def unflat(flat_tree: dict[str, object]):
-    return traverse_util.unflatten_dict(flat_tree, sep="/")
-
-
-def match(pattern: str, names) -> list[str]:
-    """Parameter names (`a/b/kernel`) that a regex matches anywhere (re.search)."""
-    regex = re.compile(pattern)
-    return [n for n in names if regex.search(n)]
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

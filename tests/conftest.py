@@ -14,15 +14,17 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 
+from gcs import gcs_emulator  # noqa: E402,F401  (the local GCS fixture, for gs:// workdir tests)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "vit_shapes.py:tiny")
 
 
-def run_mmjax(*args, devices=1, check=True, timeout=600):
-    """Runs `python -m mmjax.cli ARGS` with `devices` fake CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def run_mmjax(*args, devices=1, check=True, timeout=600, module="mmjax.cli", env=None):
+    """Runs `python -m mmjax.cli ARGS` (or another module) with `devices` fake CPU devices."""
+    env = {**os.environ, **(env or {}), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mmjax.cli", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, run_mmjax
 from mmjax import config as config_lib
 from mmjax.config import ConfigError
 from mmjax.train import trainer as trainer_lib
@@ -35,10 +35,19 @@ def test_bad_overrides_name_the_key(tiny_config, override, needle):
 
 
 def test_unknown_variant_and_missing_file():
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ConfigError, match="has no variant 'huge'; variants: tiny, base"):
         config_lib.load(TINY.replace(":tiny", ":huge"))
     with pytest.raises(ConfigError, match="does not exist"):
         config_lib.load("configs/nope.py")
+
+
+def test_unknown_variant_is_one_line_on_the_command_line():
+    proc = run_mmjax("train", "--config", "configs/mm1.py:tiny_sfft", "--workdir", "/tmp/x", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mmjax: config error: configs/mm1.py has no variant 'tiny_sfft'; variants: tiny, tiny_sft, tiny_sft_hires, "
+        "tiny_sft_subimages, tiny_pipeline, 1b, 3b, 3b_moe, 1b_pipeline"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -53,8 +62,22 @@ def test_unknown_variant_and_missing_file():
         (["data.components.shapes.source='webdataset'"], "source='webdataset'; available: shapes"),
         (["optim.freeze=('NoSuchLayer',)"], "optim.freeze pattern 'NoSuchLayer' matches no parameter"),
         (["optim.groups=(('nope', 0.1),)"], "optim.groups\\[0\\] pattern 'nope' matches no trainable"),
-        (["optim.name='sgdx'"], "choose adamw, lamb or adafactor"),
+        (["optim.name='sgdx'"], "choose adamw, lamb, adafactor"),
         (["recipe='nope'"], "recipe 'nope' not found"),
+        (
+            ["evals.val.batch_size=12", "evals.val.num_examples=48"],
+            "evals.val.batch_size=12 must be divisible by the data-parallel size 8",
+        ),
+        (
+            ["evals.val.num_examples=100"],
+            "evals.val.num_examples=100 must be a multiple of its batch_size=64",
+        ),
+        (["train.log_every=-1"], "train.log_every=-1 must be >= 0 \\(0 turns it off\\)"),
+        (["train.save_every=-5"], "train.save_every=-5 must be >= 0"),
+        (["train.eval_every=-1"], "train.eval_every=-1 must be >= 0"),
+        (["train.grad_accum=0"], "train.grad_accum=0 must be >= 1"),
+        (["train.ema_decay=1.0"], "train.ema_decay=1.0 must be in \\[0, 1\\)"),
+        (["train.ema_decay=-0.1"], "train.ema_decay=-0.1 must be in \\[0, 1\\)"),
     ],
 )
 def test_config_errors_before_compilation(tiny_config, tmp_path, monkeypatch, overrides, needle):
@@ -64,3 +87,25 @@ def test_config_errors_before_compilation(tiny_config, tmp_path, monkeypatch, ov
     monkeypatch.setattr(trainer_lib.jax, "jit", no_compile)
     with pytest.raises(ConfigError, match=needle):
         trainer_lib.Trainer(tiny_config(*overrides), str(tmp_path)).compile_step(None)
+
+
+def test_every_documented_config_variant_exists():
+    """Every `configs/NAME.py:VARIANT` the README, the launchers, the notebooks and the configs'
+    own docstrings name is a variant the config file declares."""
+    import glob
+    import importlib.util
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = ["README.md", *glob.glob("launch/*"), *glob.glob("notebooks/*.ipynb"), *glob.glob("configs/*.py")]
+    named = set()
+    for f in files:
+        with open(os.path.join(root, f)) as fh:
+            named |= {(m[0], m[1], f) for m in re.findall(r"(configs/\w+\.py):(\w+)", fh.read())}
+    assert any(f.startswith("launch/slurm") for _, _, f in named)
+    for path, variant, where in sorted(named):
+        spec = importlib.util.spec_from_file_location("_c", os.path.join(root, path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert variant in module.VARIANTS, f"{where} names {path}:{variant}; variants: {module.VARIANTS}"

@@ -13,7 +13,7 @@ import transformers as tr
 from mmjax.interop import hf, hf_llm
 from mmjax.models.llm import stack_layers
 from mmjax.sampling.decode import generate
-from mmjax.train import pretrained
+from mmjax import weights
 from tests.conftest import run_mmjax
 
 BASE = dict(
@@ -77,7 +77,7 @@ def hf_run(model, tokens):
 
 
 def mmjax_run(dst, tokens, **overrides):
-    params, meta = pretrained.load(str(dst))
+    params, meta = weights.load(str(dst))
     llm = hf_llm.llm_from_meta(meta, **overrides)
     if overrides.get('scan'):
         params = stack_layers(params, llm.depth)
@@ -114,17 +114,16 @@ def test_logits_and_hidden_match_hf(imported, case):
 
 def test_meta_describes_the_model(imported):
     _, src, dst = imported('qwen2_tied')
-    meta = pretrained.read_meta(str(dst))
+    meta = weights.read_meta(str(dst))
     with open(os.path.join(src, 'config.json')) as f:
         assert meta['hf_config'] == json.load(f)
     assert (meta['kind'], meta['hf_model_type']) == ('llm', 'qwen2')
     m = meta['model']
     assert (m['qkv_bias'], m['out_bias'], m['tie_embeddings'], m['num_kv_heads']) == (True, False, True, 4)
-    params, _ = pretrained.load(str(dst))
+    params, _ = weights.load(str(dst))
     assert 'lm_head' not in params and params['decoder']['block_0']['attn']['q']['bias'].shape == (4, 16)
     assert (
-        pretrained.read_meta(str(imported('llama_llama3')[2]))['model']['rope_scaling']['rope_type']
-        == 'llama3'
+        weights.read_meta(str(imported('llama_llama3')[2]))['model']['rope_scaling']['rope_type'] == 'llama3'
     )
 
 
@@ -152,7 +151,7 @@ def test_greedy_generation_matches_hf(imported):
             pad_token_id=0,
             eos_token_id=2,
         )[:, 9:].numpy()
-    params, meta = pretrained.load(str(dst))
+    params, meta = weights.load(str(dst))
     ids, _ = generate(
         hf_llm.llm_from_meta(meta),
         params,
@@ -169,7 +168,7 @@ def test_export_round_trips_and_loads_in_transformers(imported, tmp_path, case):
     model, _, dst = imported(case)
     hf.hf_export(str(dst), str(tmp_path / 'hf'))
     hf.hf_import(str(tmp_path / 'hf'), str(tmp_path / 'again'))
-    before, after = pretrained.load(str(dst))[0], pretrained.load(str(tmp_path / 'again'))[0]
+    before, after = weights.load(str(dst))[0], weights.load(str(tmp_path / 'again'))[0]
     assert jax.tree.structure(before) == jax.tree.structure(after)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b)
@@ -180,7 +179,7 @@ def test_export_round_trips_and_loads_in_transformers(imported, tmp_path, case):
 
 def test_export_from_scanned_params(imported, tmp_path):
     _, _, dst = imported('llama_gqa')
-    params, meta = pretrained.load(str(dst))
+    params, meta = weights.load(str(dst))
     _, tensors = hf_llm.to_hf(params, meta)
     _, scanned = hf_llm.to_hf(stack_layers(params, meta['model']['depth']), meta)
     assert tensors.keys() == scanned.keys()

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from mmjax.interop import hf, hf_vision
 from mmjax.models.vit import _torch_bicubic_matrix, resize_posemb
-from mmjax.train import pretrained
+from mmjax import weights
 from tests.conftest import run_mmjax
 
 VISION = dict(
@@ -61,7 +61,7 @@ def hf_run(model, x, interpolate=False):
 
 def load_vit(dst, **overrides):
     """(jitted images -> aux, meta) of an mmjax weights folder."""
-    params, meta = pretrained.load(str(dst))
+    params, meta = weights.load(str(dst))
     vit = hf_vision.vit_from_meta(meta, **overrides)
     return jax.jit(lambda x: vit.apply({'params': params}, x)[1]), meta
 
@@ -179,7 +179,7 @@ def test_transformers4_prefixed_vision_folder(clip, tmp_path):
         src, tmp_path / 'v4', tensors=lambda w: {f'vision_model.{k}': v for k, v in w.items()}
     )
     hf.hf_import(prefixed, str(tmp_path / 'mm'))
-    want, got = pretrained.load(str(dst))[0], pretrained.load(str(tmp_path / 'mm'))[0]
+    want, got = weights.load(str(dst))[0], weights.load(str(tmp_path / 'mm'))[0]
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 

@@ -29,7 +29,7 @@ def load(variant="tiny", *overrides):
 def tiny():
     cfg = load("tiny", "train.steps=8", *SMALL_DATA)
     recipe = recipes.get(cfg)
-    params = nn.unbox(recipe.init(jax.random.key(0)))
+    params = nn.unbox(recipe.init(jax.random.key(0)))["params"]
     return cfg, recipe, params
 
 
@@ -147,7 +147,7 @@ def test_higher_resolution_variants_keep_the_parameter_shapes(tiny, variant):
     _, base, base_params = tiny
     cfg = load(variant, "data.components.qa.num_records=16", "init.mm1.path=" + ROOT)
     recipe = recipes.get(cfg)
-    params = nn.unbox(recipe.init(jax.random.key(0)))
+    params = nn.unbox(recipe.init(jax.random.key(0)))["params"]
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, base_params)  # loads the 32 px weights
     from mmjax.data import shapes
 
@@ -157,35 +157,53 @@ def test_higher_resolution_variants_keep_the_parameter_shapes(tiny, variant):
     assert ex["images"].shape == (per, side, side, 3)
     assert (ex["tokens"] == recipe.fmt.image_id).sum() == 16 * per
     logits, _ = recipe.model.apply(
-        {"params": params}, jnp.asarray(ex["tokens"])[None], jnp.asarray(ex["images"], jnp.float32)[None] / 127.5 - 1
+        {"params": params},
+        jnp.asarray(ex["tokens"])[None],
+        jnp.asarray(ex["images"], jnp.float32)[None] / 127.5 - 1,
     )
     assert logits.shape == (1, len(ex["tokens"]), recipe.model.llm.vocab_size)
 
 
-def test_pretrain_then_sft_answers_above_chance(tmp_path):
-    """Tiny pre-training lowers every component's loss; SFT from its export answers VQA above
-    the image-blind answer prior, most of all the questions only the image can answer."""
-    pt = str(tmp_path / "pt")
-    cfg = load("tiny", "train.steps=300", "train.save_every=300", "train.log_every=25", *SMALL_DATA)
-    with cfg.unlocked():
-        cfg.evals = {}
-    trainer_lib.train(cfg, pt)
-    rows = [r for r in _metrics(pt) if "loss" in r]
+def test_pipeline_pretrain_then_sft_answers_above_chance(tmp_path):
+    """configs/mm1.py:tiny_pipeline: tiny pre-training lowers every component's loss; SFT from its
+    export answers VQA above the image-blind answer prior, most of all the questions only the image
+    can answer."""
+    from mmjax import weights
+    from mmjax.recipes import mm1
+    from mmjax.train import stages
+
+    data = [f"pretrain.{o}" for o in SMALL_DATA]
+    cfg = load(
+        "tiny_pipeline",
+        "pretrain.train.steps=300",
+        "pretrain.train.save_every=300",
+        "pretrain.train.log_every=25",
+        "pretrain.evals={}",
+        *data,
+        "sft.train.steps=300",
+        "sft.evals.vqa_0shot.num_examples=256",
+    )
+    results = stages.train(cfg, str(tmp_path))
+    rows = [r for r in _metrics(tmp_path / "pretrain") if "loss" in r]
     for name in ("caption", "interleaved", "text"):
         assert rows[-1][f"loss/{name}"] < 0.5 * rows[0][f"loss/{name}"], rows
-    cli.export(cfg, pt, str(tmp_path / "export"))
-    from mmjax.recipes import mm1
 
-    model, params, tok = mm1.load_pretrained(str(tmp_path / "export"))  # as IOMM loads its MLLM
-    batch = pipeline.first_batch(pipeline.train_dataset(cfg, recipes.get(cfg).preprocess, recipes.get(cfg).packing()))
-    logits, _ = model.apply({"params": params}, batch["tokens"], mm1.to_float(batch["images"]),
-                            positions=batch["tokens_positions"], segment_ids=batch["tokens_segment_ids"])
+    model, params, tok = weights.load_vlm(str(tmp_path / "pretrain" / "export"))  # as IOMM loads its MLLM
+    pt = stages.stage_config(cfg, "pretrain", str(tmp_path))
+    recipe = recipes.get(pt)
+    batch = pipeline.first_batch(pipeline.train_dataset(pt, recipe.preprocess, recipe.packing()))
+    logits, _ = model.apply(
+        {"params": params},
+        batch["tokens"],
+        mm1.to_float(batch["images"]),
+        positions=batch["tokens_positions"],
+        segment_ids=batch["tokens_segment_ids"],
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"] * (batch["tokens_segment_ids"] > 0)
     assert float((ce * mask).sum() / mask.sum()) < 0.5 * np.log(len(tok))  # the trained weights, not fresh
 
-    sft = load("tiny_sft", f"init.mm1.path={tmp_path / 'export'}", "train.steps=300", "evals.vqa_0shot.num_examples=256")
-    final = trainer_lib.train(sft, str(tmp_path / "sft"))
+    final = results["sft"]
     print({k: round(v, 3) for k, v in final.items() if k.startswith("vqa")})
     assert final["vqa_0shot/accuracy"] > final["vqa_0shot/prior"], final
     assert final["vqa_0shot/accuracy/color"] > final["vqa_0shot/prior/color"] + 0.25, final
@@ -231,10 +249,10 @@ def test_full_scale_moe_step_compiles_on_fake_devices():
     assert info["params"] > 10e9 and info["argument_bytes"] > 0 and info["mesh"]["fsdp"] == 8
 
 
-def _flat(tree):
-    from mmjax import parallel
+def _flat(params):
+    from mmjax import tree
 
-    return parallel.flat(tree)
+    return tree.flat(params)
 
 
 def test_synthetic_captions_are_complete_and_true(tiny):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY, read_metrics, run_mmjax
-from mmjax import parallel
+from mmjax import parallel, tree
 from mmjax.data import pipeline
-from mmjax.train import trainer as trainer_lib
+from mmjax.train import checkpoint as ckpt_lib, trainer as trainer_lib
 
 SHORT = [
     "--config.train.steps=20",
@@ -54,7 +54,7 @@ def test_sharded_run_matches_one_device_and_shards_params(tmp_path, tiny_config)
     # In this process (8 fake devices): the kernels really are split over `fsdp`.
     trainer = trainer_lib.Trainer(tiny_config("mesh.data=2", "mesh.fsdp=4"), str(tmp_path / "x"))
     state = trainer.init_state()
-    sharded = [(n, p) for n, p in parallel.flat(state.params).items() if "fsdp" in str(p.sharding.spec)]
+    sharded = [(n, p) for n, p in tree.flat(state.params).items() if "fsdp" in str(p.sharding.spec)]
     assert sharded, "no parameter is sharded over fsdp"
     for name, p in sharded:
         shard = p.addressable_shards[0].data.shape
@@ -98,11 +98,11 @@ def test_restore_onto_another_mesh(tmp_path, tiny_config):
         "train.steps=10", "train.save_every=3", "mesh.data=2", "mesh.fsdp=4", "evals.val.num_examples=64"
     )
     trainer = trainer_lib.Trainer(cfg, workdir)
-    ckpt = trainer_lib.Checkpointer(workdir, cfg.train)
+    ckpt = ckpt_lib.Checkpointer(workdir, cfg.train.keep)
     state, step = ckpt.restore(trainer.abstract_state_with_shardings())
     ckpt.close()
     assert step == 6 and int(state.step) == 6
-    kernel = next(p for n, p in parallel.flat(state.params).items() if "fsdp" in str(p.sharding.spec))
+    kernel = next(p for n, p in tree.flat(state.params).items() if "fsdp" in str(p.sharding.spec))
     assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     trainer.fit()  # continues to step 10 on the new mesh
     rows = read_metrics(workdir)
@@ -111,7 +111,7 @@ def test_restore_onto_another_mesh(tmp_path, tiny_config):
 
 def _one_step(trainer, state, batch):
     with trainer._context():
-        return jax.jit(trainer.train_step)(state, batch)
+        return jax.jit(trainer.train_step)(state, {}, batch)
 
 
 def _batch(trainer):
@@ -128,12 +128,72 @@ def test_nan_guard_skips_and_stops(tmp_path, tiny_config):
     state, metrics = _one_step(trainer, state, bad)
     assert int(metrics["skipped"]) == 1 and int(state.bad_streak) == 1 and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
-    trainer._check_bad_steps(state)  # 1 in a row is allowed
-    state, _ = _one_step(trainer, state, bad)
+    trainer._check_streak(metrics, 1)  # 1 in a row is allowed
+    state, metrics = _one_step(trainer, state, bad)
     with pytest.raises(trainer_lib.TooManyBadSteps, match="max_bad_steps"):
-        trainer._check_bad_steps(state)
+        trainer._check_streak(metrics, 2)
     state, metrics = _one_step(trainer, state, _batch(trainer))  # a good step resets the streak
     assert int(state.bad_streak) == 0 and int(state.bad_total) == 2 and int(metrics["skipped"]) == 0
+
+
+def test_logged_lr_is_the_applied_lr_after_skipped_steps(tmp_path, tiny_config):
+    """optax's schedule counts applied updates only; the logged lr must be that one."""
+    trainer = trainer_lib.Trainer(tiny_config("optim.warmup_steps=10"), str(tmp_path))
+    state = trainer.init_state()
+    bad = dict(_batch(trainer))
+    bad["image"] = bad["image"] * jnp.nan
+    for _ in range(3):
+        state, _ = _one_step(trainer, state, bad)
+    state, metrics = _one_step(trainer, state, _batch(trainer))
+    counts = {
+        int(x) for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0] if "count" in str(p)
+    }
+    assert counts == {1}  # one update applied in four steps
+    assert float(metrics["lr"]) == pytest.approx(float(trainer.opt.schedule(0)), abs=1e-12)
+    assert float(trainer.opt.schedule(3)) > 0  # what state.step would have logged
+
+
+def test_nan_guard_stops_at_the_exact_step_through_fit(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = run_mmjax(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        workdir,
+        "--config.train.steps=40",
+        "--config.train.log_every=100",
+        "--config.train.save_every=5",
+        "--config.train.max_bad_steps=3",
+        "--config.debug.nan_from_step=8",
+        "--config.evals={}",
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "steps 8..11 were non-finite (4 in a row > train.max_bad_steps=3)" in proc.stderr
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps[-1] == 10, steps  # the last save before the stop; none after it
+    cfg = trainer_lib.config_lib.load(TINY, ["train.steps=40"])
+    state, _, _, step = trainer_lib.Trainer(cfg, workdir).latest()
+    assert step == 10 and int(state.bad_streak) == 3
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+
+
+def test_zero_intervals_mean_off(tmp_path):
+    workdir = str(tmp_path / "run")
+    run_mmjax(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        workdir,
+        "--config.train.steps=3",
+        "--config.train.log_every=0",
+        "--config.train.save_every=0",
+        "--config.evals={}",
+    )
+    assert sorted(read_metrics(workdir)) == [3]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path, tiny_config):
@@ -144,7 +204,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, tiny_config):
             str(tmp_path),
         )
         state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
-        outs.append((float(metrics["loss"]), float(metrics["grad_norm"]), parallel.flat(state.params)))
+        outs.append((float(metrics["loss"]), float(metrics["grad_norm"]), tree.flat(state.params)))
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
     assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-4)
     for n in outs[0][2]:
@@ -161,7 +221,7 @@ def test_freezing_groups_and_ema(tmp_path, tiny_config):
     )
     trainer = trainer_lib.Trainer(cfg, str(tmp_path))
     state = trainer.init_state()
-    names = parallel.flat(state.params)
+    names = tree.flat(state.params)
     frozen = [n for n in names if "encoder" in n]
     assert frozen and not any(n in trainer.opt.trainable for n in frozen)
     opt_keys = {
@@ -172,7 +232,7 @@ def test_freezing_groups_and_ema(tmp_path, tiny_config):
     assert not opt_keys & set(frozen), "frozen parameters must have no optimizer state"
     before = {n: np.asarray(v) for n, v in names.items()}
     state, _ = _one_step(trainer, state, _batch(trainer))
-    after = parallel.flat(state.params)
+    after = tree.flat(state.params)
     for n in frozen:
         np.testing.assert_array_equal(before[n], after[n])
     head = [n for n in after if "head" in n]

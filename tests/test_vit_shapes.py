@@ -6,7 +6,7 @@ from mmjax.train import trainer as trainer_lib
 def test_tiny_training_improves_the_evaluator(tmp_path, tiny_config):
     cfg = tiny_config("train.steps=200", "train.log_every=10", "evals.val.num_examples=256")
     trainer = trainer_lib.Trainer(cfg, str(tmp_path))
-    before = trainer.evaluate(trainer.init_state().params)
+    before = trainer.evaluate(trainer.init_state(), {})
     final = trainer.fit()
     rows = [r for r in open(tmp_path / "metrics.jsonl").read().splitlines()]
     assert len(rows) >= 20

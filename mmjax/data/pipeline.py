@@ -38,19 +38,21 @@ class InMemory:
         return f"InMemory({self.name})"
 
 
+def _shapes(comp, image_size: int):
+    return shapes.ShapesSource(
+        split=comp.split, view=comp.view, image_size=image_size, num_records=comp.get("num_records") or None
+    )
+
+
+SOURCES = {"shapes": _shapes}  # component.source -> (component config, image size) -> random-access source
+
+
 def make_source(comp, image_size: int):
     """The random-access source a component config names."""
-    if comp.source == "shapes":
-        source = shapes.ShapesSource(
-            split=comp.split,
-            view=comp.view,
-            image_size=image_size,
-            num_records=comp.get("num_records") or None,
-        )
-        return InMemory(source) if comp.get("cache") else source
-    raise ConfigError(
-        f"data source {comp.source!r} is not available; this version reads the shapes world (source='shapes')"
-    )
+    if comp.source not in SOURCES:
+        raise ConfigError(f"data source {comp.source!r} is not available; available: {', '.join(SOURCES)}")
+    source = SOURCES[comp.source](comp, image_size)
+    return InMemory(source) if comp.get("cache") else source
 
 
 class _Tag:
@@ -144,8 +146,7 @@ def eval_dataset(spec, image_size: int, preprocess: Callable) -> grain.MapDatase
     """A finite, unshuffled evaluation stream: `spec.num_examples` examples in global batches."""
     source = make_source(spec, image_size)
     n = min(spec.num_examples, len(source))
-    if n % spec.batch_size:
-        raise ConfigError(f"eval num_examples={n} must be a multiple of its batch_size={spec.batch_size}")
+    n -= n % spec.batch_size  # whole batches (config validation checks num_examples itself)
     ds = grain.MapDataset.source(source)[:n].map(preprocess)
     ds = ds[jax.process_index() :: jax.process_count()]
     return ds.batch(spec.batch_size // jax.process_count(), drop_remainder=True)

@@ -1,4 +1,4 @@
-"""The shapes world: mmjax's embedded, procedurally generated multimodal data (SHAPES.md).
+"""The shapes world: mmjax's embedded, procedurally generated multimodal data (docs/shapes.md).
 
 A scene is 1..MAX_OBJECTS coloured shapes on a plain background. The scene, its rendering and
 every text about it are pure functions of (split, index, seed), so a record is the same on any

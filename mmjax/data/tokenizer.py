@@ -109,6 +109,18 @@ def with_image_codes(tokenizer: PreTrainedTokenizerFast, n: int) -> np.ndarray:
     return ids
 
 
+def add_special_tokens(tokenizer: PreTrainedTokenizerFast, tokens: Sequence[str]) -> list[int]:
+    """Adds the special `tokens` a recipe needs (e.g. <image> to an HF LLM's tokenizer) where they
+    are missing; returns their ids. The model's vocabulary must then be len(tokenizer): weights
+    folders with a shorter table grow on load (mmjax/weights.py)."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
 def encode_batch(tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [B, max_len], mask bool [B, max_len]): BOS + text, truncated and right-padded."""
     enc = tokenizer(

@@ -1,4 +1,4 @@
-"""shapes-eval: an analytic scorer for the shapes world (no learned weights; SHAPES.md).
+"""shapes-eval: an analytic scorer for the shapes world (no learned weights; docs/shapes.md).
 
 detect() segments an image by palette colour (each pixel goes to the palette colour whose blend
 line with the background passes closest, within COLOR_TOL, and only past the line's midpoint: so

@@ -19,11 +19,8 @@ from types import ModuleType
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from mmjax.train import pretrained
-
-
-class ConversionError(ValueError):
-    pass
+from mmjax import weights
+from mmjax.interop import ConversionError
 
 
 def _converters() -> dict[str, ModuleType]:
@@ -80,13 +77,14 @@ def hf_import(src: str, dst: str) -> dict:
         )
     params, meta = converters[model_type].to_mmjax(config, tensors)
     meta = {**meta, "source": os.path.abspath(os.path.expanduser(src))}
-    pretrained.save(dst, params, meta)
+    weights.save(dst, params, meta)
     return meta
 
 
 def hf_export(src: str, dst: str) -> dict:
-    """Writes the mmjax weights folder `src` as an HF folder (config.json + model.safetensors)."""
-    params, meta = pretrained.load(src)
+    """Writes the mmjax weights folder `src` as an HF folder (config.json + model.safetensors, and
+    the tokenizer files when the folder holds a tokenizer: `mmjax export` saves the recipe's)."""
+    params, meta = weights.load(src)
     converters = _converters()
     module = converters.get(meta.get("hf_model_type", ""))
     if module is None or not hasattr(module, "to_hf"):
@@ -104,4 +102,9 @@ def hf_export(src: str, dst: str) -> dict:
     )
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+    tokenizer = weights.tokenizer_path(src)
+    if tokenizer is not None:
+        for file in tokenizer.iterdir():
+            with open(os.path.join(dst, file.name), "wb") as f:
+                f.write(file.read_bytes())
     return config

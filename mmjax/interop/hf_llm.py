@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from mmjax.interop.hf import ConversionError
+from mmjax.interop import ConversionError
 from mmjax.models.llm import LLM, unstack_layers
 from mmjax.models.rope import ROPE_TYPES
 
@@ -80,7 +80,7 @@ def llm_kwargs(hf_config: dict) -> dict:
 
 
 def llm_from_meta(meta: dict, **overrides) -> LLM:
-    """The LLM module of a weights folder's meta (`pretrained.read_meta`), e.g. dtype=jnp.bfloat16, scan=True."""
+    """The LLM module of a weights folder's meta (`weights.read_meta`), e.g. dtype=jnp.bfloat16, scan=True."""
     if meta.get('kind') != 'llm':
         raise ConversionError(f"weights of kind {meta.get('kind')!r} are not an LLM")
     return LLM(**{**meta['model'], **overrides})

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mmjax import parallel
-from mmjax.interop.hf import ConversionError
+from mmjax import tree
+from mmjax.interop import ConversionError
 from mmjax.models.vit import ViT
 
 MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
@@ -188,7 +188,7 @@ def _check_shapes(params: dict, model: dict, vc: dict) -> None:
     """Raises unless `params` has exactly the ViT's parameter names and shapes at the config's size."""
     images = jax.ShapeDtypeStruct((1, vc["image_size"], vc["image_size"], vc["num_channels"]), np.float32)
     abstract = nn.unbox(jax.eval_shape(ViT(**model).init, jax.random.key(0), images)["params"])
-    got, want = ({n: tuple(x.shape) for n, x in parallel.flat(tree).items()} for tree in (params, abstract))
+    got, want = ({n: tuple(x.shape) for n, x in tree.flat(t).items()} for t in (params, abstract))
     bad = [
         f"{n}: {got.get(n)} in the weights, {want.get(n)} in the model"
         for n in sorted(got.keys() | want.keys())

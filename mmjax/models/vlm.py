@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import connectors
 from mmjax.models.llm import LLM
 from mmjax.models.vit import ViT
 
@@ -52,3 +53,22 @@ class VLM(nn.Module):
 
     def __call__(self, tokens: jax.Array, images: jax.Array, **llm_kwargs):
         return self.llm(embeddings=self.embed(tokens, images), **llm_kwargs)
+
+
+def build(mc, vocab_size: int, image_token_id: int) -> VLM:
+    """The VLM a model config describes (`model` of configs/mm1.py: vision, connector, llm, dtype,
+    scan, remat). Raises ValueError / TypeError naming a bad entry."""
+    common = dict(dtype=jnp.dtype(mc["dtype"]), scan=mc["scan"], remat=mc["remat"])
+    vision = {k: v for k, v in dict(mc["vision"]).items() if k != "posemb_size"}
+    llm = {k: v for k, v in dict(mc["llm"]).items() if k != "vocab_size"}
+    moe = llm.pop("moe", None)
+    if moe and moe.get("num_experts"):
+        llm["moe"] = dict(moe)
+    conn = dict(mc["connector"])
+    kind = conn.pop("kind")
+    return VLM(
+        vision=ViT(**vision, pool="none", **common),
+        connector=connectors.build(kind, out_dim=llm["width"], dtype=common["dtype"], **conn),
+        llm=LLM(vocab_size=vocab_size, **llm, **common),
+        image_token_id=image_token_id,
+    )

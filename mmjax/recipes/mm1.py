@@ -11,25 +11,23 @@ segment ids: attention stays inside a document and positions restart per documen
 
 from __future__ import annotations
 
-import functools
-import re
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
+from mmjax import weights
 from mmjax.config import ConfigError
 from mmjax.data import shapes, tokenizer as tok_lib
-from mmjax.eval import shapes_eval
-from mmjax.models import connectors
-from mmjax.models.llm import LLM
-from mmjax.models.vit import ViT
+from mmjax.eval import captioning, vqa
+from mmjax.eval.few_shot import FewShot
+from mmjax.models import vlm
 from mmjax.models.vlm import VLM
-from mmjax.recipes.base import Evaluator, Recipe as BaseRecipe
+from mmjax.objectives.cross_entropy import masked_cross_entropy
+from mmjax.objectives.reduce import Mean, Sum
+from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
 from mmjax.sampling import decode
-from mmjax.train import pretrained
 
 FORMATS = ("caption", "interleaved", "text", "synthetic", "qa")
 
@@ -54,7 +52,9 @@ def dense_caption(record: dict) -> str:
 
 
 def _scene(record: dict) -> shapes.Scene:
-    return shapes.scene_from_arrays(*(record[k] for k in ("num_objects", "obj_shape", "obj_color", "obj_size", "obj_box")))
+    return shapes.scene_from_arrays(
+        *(record[k] for k in ("num_objects", "obj_shape", "obj_color", "obj_size", "obj_box"))
+    )
 
 
 # ---- text -------------------------------------------------------------------------------------
@@ -116,7 +116,9 @@ def conversation(record: dict, turns: int) -> list[tuple[str, str]]:
 class Preprocess:
     """One component's record -> an example ready for packing."""
 
-    def __init__(self, fmt: Formatter, kind: str, component: int, seq_len: int, image_slots: int, turns: int = 1):
+    def __init__(
+        self, fmt: Formatter, kind: str, component: int, seq_len: int, image_slots: int, turns: int = 1
+    ):
         self.f, self.kind, self.component, self.turns = fmt, kind, component, turns
         self.seq_len, self.image_slots = seq_len, image_slots
 
@@ -154,125 +156,26 @@ class Preprocess:
         }
 
 
-# ---- few-shot evaluation ----------------------------------------------------------------------
-class FewShot:
-    """A validation record -> a k-shot prompt (shots from the train split, fixed per record):
-    captioning: `<image> caption` per shot, then `<image>`; VQA: `<image> Question: q Answer: a`
-    per shot, then the query without its answer. Prompts are right-padded to `prompt_len`."""
-
-    def __init__(self, fmt: Formatter, task: str, shots: int, prompt_len: int, image_size: int, seed: int):
-        self.f, self.task, self.shots, self.prompt_len = fmt, task, shots, prompt_len
-        self.view = "caption" if task == "caption" else "qa"
-        self.pool = shapes.ShapesSource("train", self.view, image_size=image_size, seed=seed)
-
-    def _piece(self, r, answer: bool):
-        if self.task == "caption":
-            return [self.f.image()] + ([self.f.text(r["text"], False)] if answer else [])
-        q = [self.f.image(), self.f.text(qa_prompt(r["question"]), False)]
-        return q + ([self.f.text(r["answer"], False)] if answer else [])
-
-    def __call__(self, record: dict) -> dict:
-        rng = np.random.default_rng((7, int(record["index"])))
-        shots = [self.pool[int(j)] for j in rng.integers(0, len(self.pool), self.shots)]
-        pieces = [p for r in shots for p in self._piece(r, True)] + self._piece(record, False)
-        ids, _ = self.f.join(pieces, eos=False)
-        if len(ids) > self.prompt_len:
-            raise ValueError(f"{self.shots}-shot {self.task} prompt has {len(ids)} tokens > prompt_len {self.prompt_len}")
-        tokens = np.zeros(self.prompt_len, np.int32)
-        tokens[: len(ids)] = ids
-        return {
-            "tokens": tokens,
-            "mask": np.arange(self.prompt_len) < len(ids),
-            "images": self.f.pictures([r["image"] for r in shots] + [record["image"]]),
-            "index": np.int32(record["index"]),
-        }
-
-
-_WORDS = re.compile(r"\b(" + "|".join((*shapes.COLORS, *shapes.SHAPES, *shapes.SIZES)) + r")s?\b")
-
-
-def template(question: str) -> str:
-    """A question with its attribute words blanked: the key of the answer prior."""
-    return _WORDS.sub("_", question.lower())
-
-
-@functools.lru_cache(maxsize=4)
-def answer_prior(seed: int = 0, n: int = 4000) -> dict[str, str]:
-    """The most common train answer per question template (what a model that ignores the image
-    can do best): the chance level that VQA accuracy is compared with."""
-    src, counts = shapes.ShapesSource("train", "qa", seed=seed), {}
-    for i in range(n):
-        r = src[i]
-        by = counts.setdefault(template(r["question"]), {})
-        a = shapes_eval.normalize_answer(r["answer"])
-        by[a] = by.get(a, 0) + 1
-    return {t: max(by, key=by.get) for t, by in counts.items()}
-
-
+# ---- evaluation -------------------------------------------------------------------------------
 class Score:
     """Generated ids -> accuracy against the scorer (captions: every claim true of the scene;
-    VQA: the exact answer), plus the image-blind answer prior for VQA, also per question kind."""
+    VQA: the exact answer, and the image-blind answer prior, also per question kind)."""
 
     def __init__(self, tokenizer, task: str, split: str, seed: int):
         self.tok, self.task, self.split, self.seed = tokenizer, task, split, seed
 
     def __call__(self, out: dict) -> dict:
         texts = self.tok.batch_decode(out["ids"], skip_special_tokens=True)
-        if self.task == "caption":
-            scenes = [shapes.scene(self.split, int(i), self.seed) for i in out["index"]]
-            return {
-                "accuracy": float(np.mean([shapes_eval.caption_correct(t, s) for t, s in zip(texts, scenes)])),
-                "complete": float(
-                    np.mean([shapes_eval.caption_correct(t, s, complete=True) for t, s in zip(texts, scenes)])
-                ),
-            }
-        src, prior = shapes.ShapesSource(self.split, "qa", seed=self.seed), answer_prior(self.seed)
-        rows = []  # (question kind, right, right by the prior)
-        for text, i in zip(texts, out["index"]):
-            q = src[int(i)]["question"]
-            truth = shapes_eval.answer(shapes.scene(self.split, int(i), self.seed), q)
-            rows.append((shapes_eval.question_kind(q), shapes_eval.normalize_answer(text) == truth,
-                         prior.get(template(q)) == truth))
-        result = {"accuracy": float(np.mean([r[1] for r in rows])), "prior": float(np.mean([r[2] for r in rows]))}
-        for kind in sorted({r[0] for r in rows}):
-            mine = [r for r in rows if r[0] == kind]
-            result[f"accuracy/{kind}"] = float(np.mean([r[1] for r in mine]))
-            result[f"prior/{kind}"] = float(np.mean([r[2] for r in mine]))
-        return result
+        scorer = captioning.score if self.task == "caption" else vqa.score
+        return scorer(texts, out["index"], self.split, self.seed)
 
 
-# ---- the recipe -------------------------------------------------------------------------------
-def build_model(mc, vocab_size: int, image_token_id: int) -> VLM:
-    dtype = jnp.dtype(mc.dtype)
-    common = dict(dtype=dtype, scan=mc.scan, remat=mc.remat)
-    vision = {k: v for k, v in mc.vision.items() if k != "posemb_size"}
-    llm = {k: v for k, v in mc.llm.items() if k != "vocab_size"}
-    moe = llm.pop("moe", None)
-    if moe and moe.get("num_experts"):
-        llm["moe"] = dict(moe)
-    conn = dict(mc.connector)
-    kind = conn.pop("kind")
-    try:
-        return VLM(
-            vision=ViT(**vision, pool="none", **common),
-            connector=connectors.build(kind, out_dim=llm["width"], dtype=dtype, **conn),
-            llm=LLM(vocab_size=vocab_size, **llm, **common),
-            image_token_id=image_token_id,
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model config: {e}") from e
-
-
-def load_pretrained(path: str) -> tuple[VLM, dict, object]:
-    """(model, params, tokenizer) from the weights folder `mmjax export` writes for an MM1 run:
-    how another recipe (IOMM's frozen MLLM) loads a trained MM1 by path."""
-    params, meta = pretrained.load(path)
-    if meta.get("kind") != "mm1":
-        raise ConfigError(f"{path} holds {meta.get('kind')!r} weights, not an MM1 export (`mmjax export`)")
-    mc = ml_collections.ConfigDict(meta["model"])
-    tokenizer = tok_lib.load(mc.tokenizer or None)
-    model = build_model(mc, mc.llm.vocab_size or len(tokenizer), tokenizer.convert_tokens_to_ids(tok_lib.IMAGE))
-    return model, params, tokenizer
+def llm_kwargs(llm) -> dict:
+    """The LLM module's architecture as the kwargs of an `llm` weights folder (hf-export reads them)."""
+    skip = {"parent", "name", "dtype", "param_dtype", "scan", "remat"}
+    out = {f.name: getattr(llm, f.name) for f in dataclasses.fields(llm) if f.name not in skip}
+    out.update(head_dim=llm.head_size, num_kv_heads=llm.kv_heads)  # resolved, as an import states them
+    return {k: (dict(v) if hasattr(v, "items") else v) for k, v in out.items()}
 
 
 class Recipe(BaseRecipe):
@@ -280,16 +183,46 @@ class Recipe(BaseRecipe):
         super().__init__(config)
         mc = config.model
         self.tokenizer = tok_lib.load(mc.tokenizer or None)
+        tok_lib.add_special_tokens(self.tokenizer, (tok_lib.IMAGE,))  # an HF LLM's tokenizer lacks <image>
         self.fmt = Formatter(self.tokenizer, mc.connector.num_tokens, mc.subimages, self.vit_size())
         vocab = mc.llm.get("vocab_size") or len(self.tokenizer)
         if vocab < len(self.tokenizer):
             raise ConfigError(f"model.llm.vocab_size={vocab} < the tokenizer's {len(self.tokenizer)} tokens")
-        self.model = build_model(mc, vocab, self.fmt.image_id)
+        try:
+            self.model = vlm.build(mc, vocab, self.fmt.image_id)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model config: {e}") from e
+        self._check_init()
         self.names = sorted(config.data.components)
         for name in self.names:
             kind = config.data.components[name].get("format", "")
             if kind not in FORMATS:
-                raise ConfigError(f"data.components.{name}.format={kind!r}; choose one of {', '.join(FORMATS)}")
+                raise ConfigError(
+                    f"data.components.{name}.format={kind!r}; choose one of {', '.join(FORMATS)}"
+                )
+
+    def _check_init(self):
+        """An imported LLM must be the architecture the config describes, not only the same shapes."""
+        spec = self.config.init.get("llm")
+        if not spec or not spec.get("path"):
+            return
+        meta = weights.read_meta(spec.path)
+        if meta.get("kind") != "llm":
+            return
+        mine = llm_kwargs(self.model.llm)
+        wrong = {
+            k: (v, mine[k])
+            for k, v in meta["model"].items()
+            if k in mine and k != "vocab_size" and v != mine[k]
+        }
+        if wrong:
+            raise ConfigError(
+                f"init.llm: {spec.path} is an LLM with "
+                + ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
+                + " but model.llm has "
+                + ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
+                + "; set them in model.llm (e.g. --config.model.llm.norm_eps=...)"
+            )
 
     # model
     def vit_size(self) -> int:
@@ -300,11 +233,17 @@ class Recipe(BaseRecipe):
         g = self.config.model.vision.posemb_size or self.vit_size()
         images = jnp.zeros((1, 1, g, g, 3), jnp.float32)  # the posemb grid is created at posemb_size
         tokens = jnp.zeros((1, 8), jnp.int32)
-        return self.model.init(rng, tokens, images)["params"]
+        return self.model.init(rng, tokens, images)
 
     def packing(self):
         L = self.config.model.seq_len
-        return {"tokens": L, "targets": L, "loss_mask": L, "component": L, "images": self.config.model.image_slots}
+        return {
+            "tokens": L,
+            "targets": L,
+            "loss_mask": L,
+            "component": L,
+            "images": self.config.model.image_slots,
+        }
 
     def preprocess(self, component):
         comp = self.config.data.components[component]
@@ -312,7 +251,7 @@ class Recipe(BaseRecipe):
         index = self.names.index(component)
         return Preprocess(self.fmt, comp.format, index, mc.seq_len, mc.image_slots, comp.get("turns", 1))
 
-    def loss(self, params, batch, rng):
+    def loss(self, params, batch, ctx):
         seg = batch["tokens_segment_ids"]
         logits, aux = self.model.apply(
             {"params": params},
@@ -321,22 +260,23 @@ class Recipe(BaseRecipe):
             positions=batch["tokens_positions"],
             segment_ids=seg,
         )
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         mask = batch["loss_mask"] * (seg > 0)
-        loss = (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        metrics = {"text_loss": loss, "tokens": mask.sum(), "fill": (seg > 0).mean()}
+        text, ce = masked_cross_entropy(logits, batch["targets"], mask)
+        metrics = {"text_loss": text, "tokens": Sum(text.weight), "fill": Mean.of(seg > 0)}
         for c, name in enumerate(self.names):
             m = mask * (batch["component"] == c)
-            metrics[f"loss/{name}"] = (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
-            metrics[f"tokens/{name}"] = m.sum()
-        if "moe_loss" in aux:
-            loss = loss + aux["moe_loss"]
+            metrics[f"loss/{name}"] = Mean.of(ce, m)
+            metrics[f"tokens/{name}"] = Sum(m.sum())
+        loss = text
+        if "moe_loss" in aux:  # a per-batch term: weighted like the tokens it was computed with
+            loss = Mean(text.total + aux["moe_loss"] * text.weight, text.weight)
             metrics["moe_loss"] = aux["moe_loss"]
         return loss, metrics
 
-    # evaluation
-    def generate(self, params, tokens, mask, images, max_new_tokens: int):
-        """Greedy continuations [B, max_new_tokens] of prompts with images spliced in."""
+    # evaluation and sampling
+    def generate(self, params, tokens, mask, images, max_new_tokens: int, rng=None):
+        """Continuations [B, max_new_tokens] of prompts with images spliced in (greedy; sampled at
+        temperature 1 when `rng` is given)."""
         emb = self.model.apply({"params": params}, tokens, to_float(images), method=VLM.embed)
         ids, _ = decode.generate(
             self.model.llm,
@@ -344,22 +284,77 @@ class Recipe(BaseRecipe):
             embeddings=emb,
             prompt_mask=mask,
             max_new_tokens=max_new_tokens,
+            method="greedy" if rng is None else "sample",
+            rng=rng,
             stop_tokens=(self.fmt.eos, self.fmt.image_id),
             pad_id=self.tokenizer.pad_token_id,
         )
         return ids
+
+    def _piece(self, task):
+        def piece(r, solved: bool):
+            if task == "caption":
+                return [self.fmt.image()] + ([self.fmt.text(r["text"], False)] if solved else [])
+            q = [self.fmt.image(), self.fmt.text(qa_prompt(r["question"]), False)]
+            return q + ([self.fmt.text(r["answer"], False)] if solved else [])
+
+        return piece
 
     def evaluators(self):
         out, size = {}, self.config.data.image_size
         for name, spec in self.config.evals.items():
             task, k = spec.task, spec.shots
             prompt_len = (k + 1) * (self.fmt.per_image + 40) + 2
-            few = FewShot(self.fmt, task, k, prompt_len, size, self.config.seed)
+            view = "caption" if task == "caption" else "qa"
+            few = FewShot(self.fmt, self._piece(task), view, k, prompt_len, size, self.config.seed)
             new = spec.get("max_new_tokens", 24)
 
-            def step(params, batch, new=new):
-                return {"ids": self.generate(params, batch["tokens"], batch["mask"], batch["images"], new),
-                        "index": batch["index"]}
+            def step(params, batch, ctx, new=new):
+                return {
+                    "ids": self.generate(params, batch["tokens"], batch["mask"], batch["images"], new),
+                    "index": batch["index"],
+                }
 
             out[name] = Evaluator(spec, few, step, Score(self.tokenizer, task, spec.split, self.config.seed))
         return out
+
+    def sample(self, params, prompts, num_samples, ctx):
+        """Answers (or, for an empty text, captions) about each prompt's image."""
+        rows, size = [], self.config.data.image_size
+        for p in prompts:
+            if p.get("image") is None:
+                raise ConfigError("MM1 answers questions about an image: give --image REF.png")
+            image = np.asarray(p["image"], np.uint8)
+            if image.shape[:2] != (size, size):
+                raise ConfigError(
+                    f"the image is {image.shape[1]}x{image.shape[0]} px; this model reads {size}x{size}"
+                )
+            pieces = [self.fmt.image()] + (
+                [self.fmt.text(qa_prompt(p["text"]), False)] if p.get("text") else []
+            )
+            ids, _ = self.fmt.join(pieces, eos=False)
+            tokens = np.repeat(ids[None], num_samples, 0)
+            images = np.repeat(self.fmt.pictures([image])[None], num_samples, 0)
+            rng = None if num_samples == 1 else jax.random.fold_in(ctx.rng, len(rows))
+            out = self.generate(params, tokens, np.ones_like(tokens, bool), images, 24, rng)
+            rows.append(
+                [
+                    {"text": t.strip()}
+                    for t in self.tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
+                ]
+            )
+        return rows
+
+    def exports(self):
+        mc = self.config.model.to_dict()
+        mc["llm"]["vocab_size"] = self.model.llm.vocab_size
+        llm = {"kind": "llm", "model": llm_kwargs(self.model.llm)}
+        spec = self.config.init.get("llm")
+        base = weights.read_meta(spec.path) if spec and spec.get("path") else {}
+        llm["hf_model_type"] = base.get("hf_model_type") or ("qwen2" if llm["model"]["qkv_bias"] else "llama")
+        if base.get("hf_config"):
+            llm["hf_config"] = base["hf_config"]
+        return {
+            "": Export("", {"kind": "vlm", "model": mc}, self.tokenizer),
+            "llm": Export("llm", llm, self.tokenizer),
+        }

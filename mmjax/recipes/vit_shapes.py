@@ -4,7 +4,6 @@ recipes use."""
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -46,7 +45,7 @@ class Recipe(BaseRecipe):
 
     def init(self, rng):
         s = self.config.data.image_size
-        return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+        return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))
 
     def preprocess(self, component):
         return preprocess
@@ -56,13 +55,13 @@ class Recipe(BaseRecipe):
         logits, _ = self.model.apply({"params": params}, images, train=train, rngs=rngs)
         return logits.astype(jnp.float32)
 
-    def loss(self, params, batch, rng):
-        logits = self.logits(params, batch["image"], train=True, rng=rng)
+    def loss(self, params, batch, ctx):
+        logits = self.logits(params, batch["image"], train=True, rng=ctx.rng)
         loss = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
         return loss, _accuracy(logits, batch["labels"])
 
     def evaluators(self):
-        def step(params, batch):
+        def step(params, batch, ctx):
             pred, true = self.logits(params, batch["image"]) > 0, batch["labels"] > 0.5
             return {
                 "tp": (pred & true).sum(-1),

@@ -1,42 +1,53 @@
 """Checkpoints: one Orbax CheckpointManager per run, holding the train state, the Grain
-data-iterator state and the config (JSON).
+data-iterator state, the config (JSON) and what the run was started with (JSON: the frozen
+models' folders and content fingerprints).
 
 Saves are asynchronous and atomic (Orbax writes to a temporary folder and commits by
 renaming), so a killed process never leaves a half-written checkpoint that a restart
 would read. Restores take the target shardings of the *current* mesh, so a run saved on
-one mesh shape continues on another.
+one mesh shape continues on another. The workdir may be a bucket (`gs://...`).
 """
 
 from __future__ import annotations
 
-import os
+import json
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mmjax.paths import resolve
+
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int, keep_period: int = 0, async_save: bool = True):
+    def __init__(self, workdir, keep: int, keep_period: int = 0, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
-        )
+        self.manager = ocp.CheckpointManager(resolve(workdir) / "checkpoints", options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter=None, config: dict | None = None, force=False) -> bool:
+    def save(
+        self,
+        step: int,
+        state,
+        data_iter=None,
+        config: dict | None = None,
+        run: dict | None = None,
+        force=False,
+    ) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
+        if run is not None:
+            items["run"] = ocp.args.JsonSave(run)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
@@ -47,6 +58,12 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], step
+
+    def run_info(self, step: int | None = None) -> dict:
+        """The `run` JSON saved with a checkpoint ({} for checkpoints without one)."""
+        step = self.latest_step() if step is None else step
+        file = self.manager.directory / str(step) / "run" / "metadata"  # JsonSave's file
+        return json.loads(file.read_text()) if file.exists() else {}
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

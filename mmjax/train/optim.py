@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import optax
 
-from mmjax import parallel
+from mmjax import tree
 from mmjax.config import ConfigError
 
 
@@ -63,15 +63,26 @@ def schedule(cfg, total_steps: int) -> Callable:
     raise ConfigError(f"optim.schedule={cfg.schedule!r}; choose cosine or constant")
 
 
+def _adamw(cfg, lr, mask):
+    return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+
+
+def _lamb(cfg, lr, mask):
+    return optax.lamb(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+
+
+def _adafactor(cfg, lr, mask):
+    return optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask)
+
+
+OPTIMIZERS = {"adamw": _adamw, "lamb": _lamb, "adafactor": _adafactor}  # optim.name -> builder
+
+
 def _base(cfg, lr) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # no decay on norms/biases
-    if cfg.name == "adamw":
-        return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.name == "lamb":
-        return optax.lamb(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.name == "adafactor":
-        return optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
-    raise ConfigError(f"optim.name={cfg.name!r}; choose adamw, lamb or adafactor")
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.name!r}; choose {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.name](cfg, lr, decay_mask)
 
 
 def build(cfg, param_names: dict, total_steps: int) -> Optimizer:
@@ -80,7 +91,7 @@ def build(cfg, param_names: dict, total_steps: int) -> Optimizer:
     names = list(param_names)
     frozen = set()
     for pattern in cfg.freeze:
-        hit = parallel.match(pattern, names)
+        hit = tree.match(pattern, names)
         if not hit:
             raise ConfigError(
                 f"optim.freeze pattern {pattern!r} matches no parameter; names look like {names[0]!r}"
@@ -92,7 +103,7 @@ def build(cfg, param_names: dict, total_steps: int) -> Optimizer:
     labels = dict.fromkeys(trainable, "default")
     mults = {"default": 1.0}
     for i, (pattern, mult) in enumerate(cfg.groups):
-        hit = [n for n in parallel.match(pattern, trainable) if labels[n] == "default"]
+        hit = [n for n in tree.match(pattern, trainable) if labels[n] == "default"]
         if not hit:
             raise ConfigError(f"optim.groups[{i}] pattern {pattern!r} matches no trainable parameter")
         labels.update(dict.fromkeys(hit, f"group_{i}"))
