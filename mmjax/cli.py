@@ -203,9 +203,10 @@ def sample(config, workdir: str, args) -> dict:
     if type(trainer.recipe).sample is Recipe.sample:
         trainer.recipe.sample(None, [], 0, None)  # raises the recipe's "no sampler" error
     state, frozen, _, step = trainer.latest()
-    ctx = trainer.context(state, "sample")
-    with trainer._context():
-        outputs = trainer.recipe.sample(trainer.full_params(state, frozen), prompts, args.num_samples, ctx)
+    ctx = trainer.context(
+        state, "sample"
+    )  # outside the mesh rules: a few prompts need not fill the batch axis
+    outputs = trainer.recipe.sample(trainer.full_params(state, frozen), prompts, args.num_samples, ctx)
     out = resolve(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines, images = [], 0

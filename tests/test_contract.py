@@ -213,3 +213,22 @@ def test_sample_cli_writes_what_shapes_eval_scores(tmp_path):
     assert vit.returncode == 2 and vit.stderr.strip().splitlines()[-1] == (
         "mmjax: config error: recipe 'vit_shapes' has no sampler (`mmjax sample` needs one)"
     )
+
+
+def test_pipeline_stage_holds_an_earlier_stage_frozen(tmp_path):
+    from mmjax.train import stages
+
+    cfg = config_lib.load(f"{TOY}:pipeline", ["a.evals={}", "b.evals={}"])
+    stages.train(cfg, str(tmp_path))
+    exported, meta = weights.load(tmp_path / "a" / "export_body")
+    assert meta["kind"] == "toy_body" and set(tree.flat(exported)) == {"dense/kernel", "dense/bias"}
+    trained_a = tree.flat(jax.device_get(trainer_lib.Trainer(cfg.a, str(tmp_path / "a")).latest()[0].params))
+    b = stages.stage_config(cfg, "b", str(tmp_path))
+    state, frozen, info, _ = trainer_lib.Trainer(b, str(tmp_path / "b")).latest()
+    assert info["body"]["path"].endswith("a/export_body") and "body" not in state.params
+    for n in ("body/dense/kernel", "body/dense/bias"):
+        np.testing.assert_array_equal(
+            np.asarray(frozen[n]), np.asarray(jnp.asarray(trained_a[n], jnp.bfloat16))
+        )
+    plotted = run_mmjax("plot", str(tmp_path / "b"))
+    assert plotted.stdout.strip().endswith("loss.png") and (tmp_path / "b" / "loss.png").is_file()

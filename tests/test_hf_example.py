@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from conftest import ROOT, run_mmjax
 from mmjax import config as config_lib, tree, weights
 from mmjax.data import tokenizer as tok_lib
+from mmjax.interop import hf
 from mmjax.models.llm import LLM
 from mmjax.train import trainer as trainer_lib
 
@@ -53,7 +54,7 @@ def _hf_llama(path):
 def test_readme_hugging_face_path(tmp_path):
     hf_dir, ckpt, run = tmp_path / "TinyLlama", tmp_path / "ckpt_llm", str(tmp_path / "run")
     vocab = _hf_llama(hf_dir)
-    run_mmjax("convert", "hf-import", str(hf_dir), str(ckpt))
+    hf.hf_import(str(hf_dir), str(ckpt))  # = mmjax convert hf-import (tests/test_hf_llm.py runs that CLI)
     data = [f"--config.data.components.{n}.num_records=64" for n in ("caption", "interleaved", "text")]
     args = ["--config", MM1, "--config.model.scan=True", f"--config.model.tokenizer={hf_dir}", *data]
     run_mmjax(

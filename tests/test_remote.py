@@ -49,6 +49,11 @@ def test_gs_workdir_end_to_end(gcs_emulator, tmp_path):
         "sample", "--config", TOY, "--workdir", run, "--prompts", str(prompts), "--out", f"{bucket}/samples"
     )
     assert len((epath.Path(bucket) / "samples" / "index.jsonl").read_text().splitlines()) == 6
+    samples = f"{bucket}/samples"
+    scored = run_mmjax(
+        "--images", samples, "--prompts", f"{samples}/index.jsonl", module="mmjax.eval.shapes_eval", env=env
+    )
+    assert "1.000" in scored.stdout  # shapes-eval reads the bucket too
 
     init = f"--config.init={{'w': {{'path': '{run}/export', 'into': '', 'skip': ''}}}}"
     mmjax(

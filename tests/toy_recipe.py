@@ -19,7 +19,7 @@ from mmjax import config as C
 from mmjax.data import shapes
 from mmjax.eval import artefacts, shapes_eval
 from mmjax.objectives.reduce import Mean, Sum
-from mmjax.recipes.base import Evaluator, Recipe as BaseRecipe
+from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
 
 K, D = 8, 16
 SCALE_MAX = float(np.log(2.0))
@@ -121,6 +121,9 @@ class Recipe(BaseRecipe):
 
         return {name: Evaluator(spec, preprocess, step, finalize) for name, spec in self.config.evals.items()}
 
+    def exports(self):
+        return {**super().exports(), "body": Export("body", {"kind": "toy_body"})}
+
     def sample(self, params, prompts, num_samples, ctx):
         rng = np.random.default_rng(0)
         out = []
@@ -135,7 +138,14 @@ class Recipe(BaseRecipe):
         return out
 
 
+VARIANTS = ("tiny", "pipeline")
+
+
 def get_config(arg=None):
+    if arg == "pipeline":  # stage b holds stage a's trained body frozen
+        b = get_config()
+        b.frozen.body = dict(path="", into="body", dtype="bfloat16")
+        return C.pipeline(("a", get_config(), {}), ("b", b, {"frozen.body": "a:body"}))
     c = C.base()
     c.recipe = "tests.toy_recipe"
     c.model = dict(kind="toy")

@@ -19,7 +19,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import pathlib
 import re
 import sys
 from typing import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from mmjax.data import shapes
 from mmjax.data.shapes import COLORS, MAX_OBJECTS, NUMBER_WORDS, REL_PHRASES, SHAPES, SIZES, Scene
+from mmjax.paths import resolve
 
 TASKS = ('single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr')
 COLOR_TOL = 80.0  # max RGB distance to a background-colour blend line (colours >= 120 apart)
@@ -431,11 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description='Score images against shapes-world prompts on GenEval\'s '
         'six task types, or write a prompt set.',
     )
-    ap.add_argument('--images', type=pathlib.Path, help='folder with the files the prompts name')
-    ap.add_argument(
-        '--prompts', type=pathlib.Path, help='JSONL, one {"file", "task", "text", "spec"} per line'
-    )
-    ap.add_argument('--out', type=pathlib.Path, help='write the result (and per-image scores) here')
+    ap.add_argument('--images', type=resolve, help='folder with the files the prompts name')
+    ap.add_argument('--prompts', type=resolve, help='JSONL, one {"file", "task", "text", "spec"} per line')
+    ap.add_argument('--out', type=resolve, help='write the result (and per-image scores) here')
     ap.add_argument(
         '--write-prompts',
         nargs=2,
@@ -444,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         '--render',
-        type=pathlib.Path,
+        type=resolve,
         metavar='DIR',
         help='with --write-prompts: also render a ground-truth image per prompt to DIR',
     )
@@ -465,10 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = {'file': f'{i:05d}.png', **dataclasses.asdict(p)}
             lines.append(json.dumps(rec))
             if args.render:
-                Image.fromarray(shapes.render(scene_for_prompt(p, rng), args.image_size)).save(
-                    args.render / rec['file']
-                )
-        out = pathlib.Path(out)
+                with (args.render / rec['file']).open('wb') as f:
+                    Image.fromarray(shapes.render(scene_for_prompt(p, rng), args.image_size)).save(
+                        f, format='PNG'
+                    )
+        out = resolve(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text('\n'.join(lines) + '\n')
         print(
@@ -495,7 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [f for f, _ in records if not (args.images / f).is_file()]
     if missing:
         ap.error(f'{len(missing)} image(s) missing from {args.images}, e.g. {missing[0]}')
-    correct = [score(np.asarray(Image.open(args.images / f).convert('RGB')), p) for f, p in records]
+    correct = []
+    for f, p in records:
+        with (args.images / f).open('rb') as fh:
+            correct.append(score(np.asarray(Image.open(fh).convert('RGB')), p))
     result = _summary([p.task for _, p in records], correct)
     print(format_table(result))
     if args.out:
