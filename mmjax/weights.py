@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmjax import tree
 from mmjax.paths import resolve as path
 from mmjax.config import ConfigError
+from mmjax.models.llm import grow_rows
 
 META = "mmjax.json"
 log = logging.getLogger("mmjax")
@@ -246,18 +247,9 @@ def assemble(raw: dict, sources: dict[str, Source], targets: dict, rng: jax.Arra
         if src.index is not None:
             x = x[src.index]
         if src.grow is not None:
-            x = grow(x, src.grow, targets[full].shape[src.grow], jax.random.fold_in(rng, i))
+            x = grow_rows(x, src.grow, targets[full].shape[src.grow], jax.random.fold_in(rng, i))
         out[full] = x.astype(targets[full].dtype)
     return out
-
-
-def grow(table: jax.Array, axis: int, size: int, rng: jax.Array) -> jax.Array:
-    """`table` extended along `axis` to `size`: new entries are the mean of the old ones plus noise
-    with 1e-5 times their variance (HF's resize_token_embeddings, diagonal)."""
-    x = jnp.moveaxis(table, axis, 0).astype(jnp.float32)
-    mean, std = x.mean(0), x.std(0)
-    new = mean + jax.random.normal(rng, (size - x.shape[0], *x.shape[1:])) * std * np.sqrt(1e-5)
-    return jnp.moveaxis(jnp.concatenate([x, new]), 0, axis).astype(table.dtype)
 
 
 # ---- fingerprints -----------------------------------------------------------------------------

@@ -193,13 +193,16 @@ def test_pipeline_pretrain_then_sft_answers_above_chance(tmp_path):
     pt = stages.stage_config(cfg, "pretrain", str(tmp_path))
     recipe = recipes.get(pt)
     batch = pipeline.first_batch(pipeline.train_dataset(pt, recipe.preprocess, recipe.packing()))
-    logits, _ = model.apply(
-        {"params": params},
-        batch["tokens"],
-        mm1.to_float(batch["images"]),
-        positions=batch["tokens_positions"],
-        segment_ids=batch["tokens_segment_ids"],
+    apply = jax.jit(
+        lambda p, b: model.apply(
+            {"params": p},
+            b["tokens"],
+            mm1.to_float(b["images"]),
+            positions=b["tokens_positions"],
+            segment_ids=b["tokens_segment_ids"],
+        )
     )
+    logits, _ = apply(params, batch)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"] * (batch["tokens_segment_ids"] > 0)
     assert float((ce * mask).sum() / mask.sum()) < 0.5 * np.log(len(tok))  # the trained weights, not fresh

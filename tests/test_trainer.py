@@ -18,7 +18,7 @@ SHORT = [
     "--config.train.steps=20",
     "--config.train.log_every=1",
     "--config.train.save_every=5",
-    "--config.evals.val.num_examples=64",
+    "--config.evals={}",
 ]
 
 

@@ -287,24 +287,25 @@ def unstack_layers(params: Mapping) -> dict:
     }
 
 
+def grow_rows(table: jax.Array, axis: int, size: int, rng: jax.Array) -> jax.Array:
+    """`table` extended along `axis` to `size` entries (added tokens): old entries are kept; new ones
+    are the mean of the old plus noise with 1e-5 x their variance (HF's resize_token_embeddings
+    init, diagonal)."""
+    x = jnp.moveaxis(table, axis, 0)
+    if size < x.shape[0]:
+        raise ValueError(f'the vocabulary only grows; {size} < {x.shape[0]}')
+    x32 = x.astype(jnp.float32)
+    mean, std = x32.mean(0), x32.std(0)
+    new = mean + jax.random.normal(rng, (size - x.shape[0], *x.shape[1:]), jnp.float32) * std * np.sqrt(1e-5)
+    return jnp.moveaxis(jnp.concatenate([x, new.astype(table.dtype)]), 0, axis)
+
+
 def resize_vocab(params: Mapping, new_vocab_size: int, rng: jax.Array) -> dict:
     """Grows the vocabulary (embedding rows and, if untied, lm_head columns) to `new_vocab_size`
-    for added special tokens. Old rows are kept; new rows are the mean of the old ones plus noise
-    with 1e-5 x their per-dimension variance (HF's resize_token_embeddings init, diagonal).
-    Build the model with vocab_size=new_vocab_size to use the result."""
-
-    def grow(table: jax.Array, key: jax.Array) -> jax.Array:  # [vocab, D]
-        old = table.shape[0]
-        if new_vocab_size < old:
-            raise ValueError(f'resize_vocab grows the vocabulary; {new_vocab_size} < {old}')
-        mean, std = table.mean(0), table.std(0)
-        noise = jax.random.normal(key, (new_vocab_size - old, table.shape[1]), jnp.float32)
-        new = mean + noise * std * np.sqrt(1e-5)
-        return jnp.concatenate([table, new.astype(table.dtype)], axis=0)
-
+    (`grow_rows`). Build the model with vocab_size=new_vocab_size to use the result."""
     k_embed, k_head = jax.random.split(rng)
     out = dict(params)
-    out['embedder'] = {'embedding': grow(params['embedder']['embedding'], k_embed)}
+    out['embedder'] = {'embedding': grow_rows(params['embedder']['embedding'], 0, new_vocab_size, k_embed)}
     if 'lm_head' in params:
-        out['lm_head'] = {'kernel': grow(params['lm_head']['kernel'].T, k_head).T}
+        out['lm_head'] = {'kernel': grow_rows(params['lm_head']['kernel'], 1, new_vocab_size, k_head)}
     return out
