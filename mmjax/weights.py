@@ -84,10 +84,6 @@ def read_meta(p) -> dict:
     return json.loads(file.read_text())
 
 
-def is_folder(p) -> bool:
-    return bool(p) and (path(p) / META).exists()
-
-
 def tokenizer_path(p):
     """The folder's tokenizer (saved with the weights), or None."""
     t = path(p) / "tokenizer"
