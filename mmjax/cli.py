@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel.maybe_initialize_distributed()
         if args.command == "train":
             print(json.dumps(stages.train(config, args.workdir)))
+            print(report(*stages.last(config, args.workdir)))
             return 0
         config, workdir = stages.last(config, args.workdir)
         if args.command == "check":
@@ -175,6 +176,25 @@ def evaluate(config, workdir: str) -> str:
     (out / f"step_{step}.json").write_text(json.dumps({"step": step, **scalars, **saved}, indent=1))
     (out / f"step_{step}.md").write_text(f"step {step}\n\n{table}")
     return f"step {step}\n{table}"
+
+
+def report(config, workdir: str) -> str:
+    """The last evaluation of a run (a pipeline's last stage): a table per evaluator, with the
+    paths of its artefacts (PNG grids, JSONL texts)."""
+    from mmjax.paths import resolve
+    from mmjax.train import metrics
+
+    names = set(config.evals)
+    rows = [r for r in metrics.read_rows(workdir) if any(k.partition("/")[0] in names for k in r)]
+    if not rows:
+        return ""
+    row, out = rows[-1], [f"evaluation at step {rows[-1]['step']} ({workdir}):"]
+    for name in sorted(names):
+        items = {k.partition("/")[2]: v for k, v in row.items() if k.partition("/")[0] == name}
+        out += [f"\n{name}\n| metric | value |\n|---|---|"]
+        out += [f"| {k} | {v:.4f} |" for k, v in items.items() if isinstance(v, float)]
+        out += [f"{k}: {resolve(workdir) / v}" for k, v in items.items() if isinstance(v, str)]
+    return "\n".join(out)
 
 
 def sample(config, workdir: str, args) -> dict:

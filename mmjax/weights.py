@@ -274,20 +274,27 @@ def fingerprint(arrays: dict[str, jax.Array]) -> str:
 
 
 # ---- models by path ---------------------------------------------------------------------------
-def load_vlm(p):
-    """(model, host params, tokenizer) of a VLM export (`mmjax export` of an MM1 run): how another
-    recipe (IOMM's frozen MLLM) builds the model a weights folder holds, without the MM1 recipe."""
+def vlm_spec(p):
+    """(model config, tokenizer) of a VLM export (`mmjax export` of an MM1 run): how another recipe
+    (IOMM's frozen MLLM) builds the model a weights folder holds, without the MM1 recipe."""
     import ml_collections
 
     from mmjax.data import tokenizer as tok_lib
-    from mmjax.models import vlm
 
-    params, meta = load(p)
+    meta = read_meta(p)
     if meta.get("kind") != "vlm":
         raise ConfigError(
             f"{p} holds {meta.get('kind')!r} weights, not a VLM export (`mmjax export` of an MM1 run)"
         )
     mc = ml_collections.ConfigDict(meta["model"])
-    tokenizer = tok_lib.load(tokenizer_path(p) or mc.get("tokenizer") or None)
+    return mc, tok_lib.load(tokenizer_path(p) or mc.get("tokenizer") or None)
+
+
+def load_vlm(p):
+    """(model, host params, tokenizer) of a VLM export."""
+    from mmjax.data import tokenizer as tok_lib
+    from mmjax.models import vlm
+
+    mc, tokenizer = vlm_spec(p)
     vocab = mc.llm.get("vocab_size") or len(tokenizer)
-    return vlm.build(mc, vocab, tokenizer.convert_tokens_to_ids(tok_lib.IMAGE)), params, tokenizer
+    return vlm.build(mc, vocab, tokenizer.convert_tokens_to_ids(tok_lib.IMAGE)), load(p)[0], tokenizer

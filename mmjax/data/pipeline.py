@@ -19,6 +19,7 @@ import numpy as np
 
 from mmjax.config import ConfigError
 from mmjax.data import shapes
+from mmjax.eval import shapes_eval
 
 
 class InMemory:
@@ -44,7 +45,12 @@ def _shapes(comp, image_size: int):
     )
 
 
-SOURCES = {"shapes": _shapes}  # component.source -> (component config, image size) -> random-access source
+def _geneval(comp, image_size: int):
+    return shapes_eval.PromptSource(comp.get("prompts_per_task", 8), comp.get("samples_per_prompt", 4))
+
+
+# component.source -> (component config, image size) -> random-access source
+SOURCES = {"shapes": _shapes, "geneval": _geneval}
 
 
 def make_source(comp, image_size: int):

@@ -224,6 +224,41 @@ def scene_for_prompt(prompt: Prompt, rng: np.random.Generator) -> Scene:
             return sc
 
 
+class PromptSource:
+    """GenEval prompts as a random-access source: record i is sample i % k of prompt i // k
+    (`geneval_prompts(prompts_per_task, seed)`, k = samples_per_prompt), with its task, text, spec
+    (JSON) and whether it names a held-out colour-shape pair."""
+
+    def __init__(self, prompts_per_task: int = 8, samples_per_prompt: int = 4, seed: int = 0):
+        self.prompts, self.k = geneval_prompts(prompts_per_task, seed), samples_per_prompt
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.k
+
+    def __getitem__(self, i) -> dict:
+        p = self.prompts[int(i) // self.k]
+        pairs = {(r.get('color'), r['shape']) for r in p.spec['include']}
+        return {
+            'index': np.int64(i),
+            'task': p.task,
+            'text': p.text,
+            'spec': json.dumps(p.spec),
+            'held_out': bool(pairs & set(shapes.HELD_OUT)),
+        }
+
+
+def edit_score(image: np.ndarray, source: Scene, target: Scene) -> tuple[bool, bool]:
+    """(success, preservation) of an edit of `source` asked to become `target`: every (shape,
+    colour, size) the edit brings is found and what it takes away is gone; every object both
+    scenes share is still there."""
+    found = collections.Counter((d.shape, d.color, d.size) for d in detect(image))
+    src, tgt = (collections.Counter((o.shape, o.color, o.size) for o in s.objects) for s in (source, target))
+    success = all(found[k] >= n for k, n in (tgt - src).items()) and all(
+        found[k] <= tgt[k] for k in (src - tgt)
+    )
+    return success, all(found[k] >= n for k, n in (src & tgt).items())
+
+
 def _check(dets: Sequence[Detection], spec: dict) -> bool:
     """GenEval's rule: per requirement take the `count` most confident (largest) objects of the
     shape, then check their colour and their position relative to an earlier group."""

@@ -24,11 +24,12 @@ from mmjax.interop import ConversionError
 
 
 def _converters() -> dict[str, ModuleType]:
-    from mmjax.interop import hf_llm, hf_vision
+    from mmjax.interop import diffusers_vae, hf_llm, hf_vision
 
     return {
         **{t: hf_llm for t in hf_llm.MODEL_TYPES},
         **{t: hf_vision for t in hf_vision.MODEL_TYPES},
+        **{t: diffusers_vae for t in diffusers_vae.MODEL_TYPES},  # diffusers: `_class_name`
     }
 
 
@@ -69,7 +70,7 @@ def read_folder(src: str) -> tuple[dict, dict[str, np.ndarray]]:
 def hf_import(src: str, dst: str) -> dict:
     """Converts the HF folder `src` to the mmjax weights folder `dst`; returns its meta."""
     config, tensors = read_folder(src)
-    model_type = config.get("model_type", "")
+    model_type = config.get("model_type") or config.get("_class_name", "")  # transformers or diffusers
     converters = _converters()
     if model_type not in converters:
         raise ConversionError(

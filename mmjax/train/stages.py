@@ -32,11 +32,29 @@ def _export_dir(workdir, source: str) -> tuple[str, str]:
     return str(resolve(workdir) / stage / ("export" + (f"_{part}" if part else ""))), part
 
 
+def _open_links(pipeline, name: str):
+    """Stage `name`'s links whose entry has no path of its own (a path set in the config wins)."""
+    for key, source in pipeline.links[name]:
+        section, _, entry = key.partition(".")
+        if not pipeline[name][section][entry].path:
+            yield key, source
+
+
+def needed(pipeline, name: str) -> bool:
+    """Whether stage `name` runs: the last stage, one no later stage links to, or one a later stage
+    still needs (a stage whose every consumer was given its own weights is skipped)."""
+    later = pipeline.stages[pipeline.stages.index(name) + 1 :]
+    sources = [s.partition(":")[0] for n in later for _, s in pipeline.links[n]]
+    if not later or name not in sources:
+        return True
+    return any(s.partition(":")[0] == name for n in later for _, s in _open_links(pipeline, n))
+
+
 def stage_config(pipeline, name: str, workdir):
     """The config of stage `name`, its links pointing at the earlier stages' exports."""
     config = pipeline[name].copy_and_resolve_references()
     with config.unlocked():
-        for key, source in pipeline.links[name]:
+        for key, source in _open_links(pipeline, name):
             section, _, entry = key.partition(".")
             config[section][entry].path = _export_dir(workdir, source)[0]
     return config
@@ -57,14 +75,17 @@ def train(config, workdir) -> dict:
     results = {}
     for i, name in enumerate(config.stages):
         sub = resolve(workdir) / name
+        if not needed(config, name):
+            log.info("stage %s is not needed: every stage after it has its weights from the config", name)
+            continue
         if (sub / MARKER).exists():
             results[name] = json.loads((sub / MARKER).read_text())
             log.info("stage %s is finished (%s); skipping it", name, sub / MARKER)
         else:
             cfg = stage_config(config, name, workdir)
             results[name] = trainer_lib.train(cfg, str(sub))
-            needed = {src for later in config.stages[i + 1 :] for _, src in config.links[later]}
-            for source in sorted(s for s in needed if s.partition(":")[0] == name):
+            wanted = {src for later in config.stages[i + 1 :] for _, src in _open_links(config, later)}
+            for source in sorted(s for s in wanted if s.partition(":")[0] == name):
                 dst, part = _export_dir(workdir, source)
                 trainer_lib.Trainer(cfg, str(sub)).export(dst, part)
             if jax.process_index() == 0:
