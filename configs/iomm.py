@@ -66,11 +66,11 @@ def _stage(mllm, stage: int, pairs: int, lam: float):
             mlp_ratio=2.0,
             patch_size=4,
             positions="rope",
-            scan=False,
+            scan=True,  # faster on CPU too (BENCHMARKS.md section 8)
             remat="",
         ),
         flow=dict(time="logit_normal", time_mean=0.0, time_std=1.0, shift=1.0, cond_dropout=0.1),
-        sample=dict(steps=20, shift=1.0, cfg=3.0),
+        sample=dict(steps=20, shift=1.0, cfg=3.0, batch_size=16),  # batch_size: `mmjax sample`'s
         dtype="float32",
     )
     c.frozen.mllm = dict(path="", into="mllm", dtype="float32")
@@ -85,9 +85,10 @@ def _stage(mllm, stage: int, pairs: int, lam: float):
         c.init.iomm = dict(path="", into="", skip="")
     c.data.global_batch_size = 16
     c.optim.update(
-        name="adamw", lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0, warmup_steps=50, lr_floor=0.1
+        name="adamw", lr=2e-3, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0, warmup_steps=50, lr_floor=0.1
     )
-    c.train.update(steps=1000, log_every=50, save_every=250, ema_decay=0.995)
+    # EMA 0.99 for the short CPU runs (IOMM's 0.999 in `b`)
+    c.train.update(steps=1000, log_every=50, save_every=250, ema_decay=0.99)
     _evals(c)
     if stage == 1:  # text-to-image and edits need stage 2's pairs; stage 1 draws its references back
         c.evals = dict(reconstruct=c.evals.reconstruct)

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (mesh tests), absl flags parsed (grain workers read
-them), and a helper that runs the `mmjax` command line in a fresh process."""
+them), a helper that runs the `mmjax` command line in a fresh process, and one persistent XLA
+compilation cache for every process the tests start."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
+import jax  # noqa: E402,F401  (reads its config now: the cache variables below are for subprocesses)
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -40,6 +42,22 @@ def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(l) for l in f if l.strip()]
     return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_compilation_cache(request, tmp_path_factory):
+    """The processes the tests start (`run_mmjax`, multi-process launches, notebooks) share one
+    persistent XLA compilation cache for this session: a resumed or restarted run, the second launch
+    of a multi-process run and a reference run compile each program once, not once per process
+    (on 2 cores these compiles are most of a subprocess test). A hit loads the executable of the
+    identical program, so every run computes what it computed before. This process imported JAX
+    above, before these variables, and keeps compiling in memory. Under pytest-xdist the workers
+    share the run's temporary root (pytest deletes old roots itself)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if hasattr(request.config, "workerinput") else base
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "xla-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 @pytest.fixture

@@ -88,14 +88,15 @@ def test_condition_ignores_padding_and_sees_the_image(mllm_export):
     params = nn.unbox(recipe.init(jax.random.key(1))["params"])
     tokens, mask = (np.stack([a, a]) for a in recipe.conds.image_only())
     refs = np.random.default_rng(0).integers(0, 256, (2, 1, 32, 32, 3)).astype(np.uint8)
-    h, hm = recipe.condition(params, tokens, mask, refs)
+    condition = jax.jit(recipe.condition)
+    h, hm = condition(params, tokens, mask, refs)
     n = int(mask[0].sum())
     assert h.shape[1] == recipe.config.model.cond_len + recipe.config.model.adapter.num_queries
     other = tokens.copy()
     other[:, n:] = 7  # padded slots hold other ids: nothing changes where the mask is True
-    h2, _ = recipe.condition(params, other, mask, refs)
+    h2, _ = condition(params, other, mask, refs)
     np.testing.assert_allclose(np.asarray(h2)[np.asarray(hm)], np.asarray(h)[np.asarray(hm)], atol=1e-5)
-    h3, _ = recipe.condition(params, tokens, mask, refs[::-1])  # another image, another condition
+    h3, _ = condition(params, tokens, mask, refs[::-1])  # another image, another condition
     assert not np.allclose(np.asarray(h3[0, n:]), np.asarray(h[0, n:]), atol=1e-4)
 
 
@@ -118,7 +119,7 @@ def test_bad_inputs_fail_before_compiling(mllm_export, tmp_path):
     with pytest.raises(ConfigError, match="needs a reference image"):
         recipe.sample(params, [{"text": "make the circle green", "task": "edit"}], 1, ctx)
     with pytest.raises(ConfigError, match="view='edit'"):
-        _recipe(mllm_export, "evals.edit.view=caption")
+        _recipe(mllm_export, "evals.edit.view=caption", variant="tiny_stage2")
 
 
 def _files(path):
@@ -190,7 +191,7 @@ def test_gradients_reach_the_adapter_through_the_frozen_mllm(mllm_export):
         value = recipe.loss({**trainable, **frozen}, batch, ctx)[0]
         return value.total / value.weight
 
-    grads = tree.flat(jax.grad(loss)({k: v for k, v in params.items() if k != "mllm"}))
+    grads = tree.flat(jax.jit(jax.grad(loss))({k: v for k, v in params.items() if k != "mllm"}))
     for name in ("rqa/queries", "rqa/attn/q/kernel", "generator/proj_out/kernel"):
         g = np.asarray(grads[name])
         assert np.isfinite(g).all() and np.abs(g).max() > 0, name
@@ -210,3 +211,24 @@ def test_the_chain_reuses_a_given_mllm(mllm_export):
     assert s2.frozen.mllm.path == mllm_export and s2.init.iomm.path == "/w/stage1/export"
     half = _config("tiny", f"stage1.frozen.mllm.path={mllm_export}")  # stage 2 still links to it
     assert stages.needed(half, "mllm")
+
+
+def test_b_scale_builds_abstractly():
+    """IOMM-B: a ~1.6B MM-DiT on 512 px latents of FLUX's autoencoder, a 2B-class frozen MLLM,
+    batch 1024, AdamW (0.9, 0.95), lr 1e-4, EMA 0.999; nothing is allocated."""
+    from mmjax import tree
+    from mmjax.train import trainer as trainer_lib
+
+    cfg = _config("b_stage1")
+    t = trainer_lib.Trainer(cfg, "")
+    sizes = {}
+    for n, a in tree.flat(t.abstract_params).items():
+        sizes[n.split("/")[0]] = sizes.get(n.split("/")[0], 0) + a.size
+    frozen = {
+        k: sum(a.size for n, a in t.abstract_frozen.items() if n.startswith(k + "/")) for k in ("mllm", "vae")
+    }
+    assert 1.4e9 < sizes["generator"] < 1.7e9 and set(sizes) == {"generator", "rqa"}, sizes
+    assert 1.5e9 < frozen["mllm"] < 2.5e9 and 50e6 < frozen["vae"] < 120e6, frozen
+    assert t.recipe.target_shape() == (64, 64, 16)
+    assert cfg.data.global_batch_size == 1024 and cfg.train.ema_decay == 0.999
+    assert (cfg.optim.lr, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.clip_norm) == (1e-4, 0.95, 0.0, 1.0)

@@ -29,3 +29,51 @@ def test_mm1_notebook_runs(tmp_path):
     answers = [line for line in out.splitlines() if " model: " in line and " truth: " in line]
     assert len(answers) == 8, out[-3000:]
     assert os.path.exists(tmp_path / "work" / "sft_export" / "mmjax.json")
+
+
+def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
+    """The tiny IOMM chain with few steps: the report (shapes-eval table, grid path), samples next
+    to prompts, edits; then `mmjax sample` and `shapes-eval` on the same workdir."""
+    from conftest import run_mmjax
+
+    with open(os.path.join(ROOT, "notebooks", "iomm.ipynb")) as f:
+        cells = json.load(f)["cells"]
+    script = tmp_path / "iomm_notebook.py"
+    script.write_text("\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+    work = tmp_path / "work"
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "MMJAX_NOTEBOOK_STEPS": os.environ.get("MMJAX_TEST_IOMM_STEPS", "30"),
+        "MMJAX_NOTEBOOK_MLLM_STEPS": "20",
+        "MMJAX_NOTEBOOK_PROMPTS": "2",
+        "MMJAX_NOTEBOOK_OVERRIDES": "stage1.evals={} stage2.model.sample.steps=8",
+        "MMJAX_NOTEBOOK_WORKDIR": str(work),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "| overall |" in out and "| held_out |" in out and "| correct |" in out, out[-3000:]
+    grid = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("samples: ")]
+    assert grid and os.path.getsize(grid[0]) > 0
+    assert sum(line.endswith(": 4 samples") for line in out.splitlines()) == 4
+    assert sum(line.startswith("edit ") and "change made" in line for line in out.splitlines()) == 4
+    # the README's second command, on the notebook's workdir
+    samples = tmp_path / "samples"
+    run_mmjax(
+        "sample",
+        "--config",
+        "configs/iomm.py:tiny",
+        "--workdir",
+        str(work),
+        "--out",
+        str(samples),
+        "--prompt",
+        "a red circle to the left of a blue square",
+        "--num-samples",
+        "2",
+    )
+    index = [json.loads(line) for line in (samples / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 2 and all((samples / r["file"]).exists() for r in index)

@@ -15,6 +15,7 @@ Time convention (mmjax.objectives.flow_matching): t = 1 is noise, t = 0 is data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -275,13 +276,19 @@ class Recipe(BaseRecipe):
             if image is not None:
                 record["image"] = np.asarray(image, np.uint8)
             rows.append(PromptPreprocess(self.conds, task, s)(record))
-        gen = jax.jit(self.generate)
-        out = []
-        for i, row in enumerate(rows):
-            batch = {k: np.repeat(np.asarray(v)[None], num_samples, 0) for k, v in row.items()}
-            images = np.asarray(gen(params, batch, jax.random.fold_in(ctx.rng, i)))
-            out.append([{"image": im} for im in images])
-        return out
+        if not hasattr(self, "_sampler"):
+            self._sampler = jax.jit(self.generate)
+        jobs = [row for row in rows for _ in range(num_samples)]
+        images, chunk = [], self.config.model.sample.batch_size
+        for c in range(0, len(jobs), chunk):  # fixed-size batches: one compilation for any prompts
+            part = jobs[c : c + chunk]
+            part += [part[-1]] * (chunk - len(part))
+            batch = {k: np.stack([row[k] for row in part]) for k in part[0]}
+            out = np.asarray(self._sampler(params, batch, jax.random.fold_in(ctx.rng, c)))
+            images += list(out[: len(jobs) - c])
+        return [
+            [{"image": images[i * num_samples + j]} for j in range(num_samples)] for i in range(len(rows))
+        ]
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluators(self):
@@ -297,10 +304,12 @@ class Recipe(BaseRecipe):
         return out
 
     def exports(self):
-        meta = {"kind": "iomm", "model": self.config.model.to_dict()}
+        g = self.model.generator
+        skip = {"parent", "name", "dtype", "param_dtype"}
+        kwargs = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name not in skip}
         return {
-            "": Export("", meta),
-            "generator": Export("generator", {"kind": "mmdit", "model": dict(self.config.model.generator)}),
+            "": Export("", {"kind": "iomm", "model": self.config.model.to_dict()}),
+            "generator": Export("generator", {"kind": "mmdit", "model": kwargs}),
         }
 
 
