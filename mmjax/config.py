@@ -45,7 +45,8 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
 def pipeline(*stages) -> ml_collections.ConfigDict:
     """A multi-stage run: `stages` are (name, config, links) in order; `links` maps a config entry of
     that stage to an earlier stage whose export fills its path: {"init.mm1": "pretrain"} starts
-    from it, {"frozen.mllm": "mllm"} holds it fixed ("stage:part" names an export part). Each stage's
+    from it, {"frozen.mllm": "mllm"} holds it fixed ("stage:part" names an export part); a path given
+    on the command line wins, and a stage whose exports nobody then needs is skipped. Each stage's
     config is a key of the pipeline, so `--config.sft.train.steps=100` overrides one stage."""
     c = ml_collections.ConfigDict()
     c.stages = tuple(name for name, _, _ in stages)
@@ -61,6 +62,7 @@ def pipeline(*stages) -> ml_collections.ConfigDict:
                 raise ConfigError(
                     f"pipeline stage {name!r}: {key} comes from {source!r}, not an earlier stage"
                 )
+            config[section][entry].path = ""  # filled from the stage's export; an override wins
         c[name] = config
     return c
 

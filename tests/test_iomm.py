@@ -211,6 +211,13 @@ def test_the_chain_reuses_a_given_mllm(mllm_export):
     assert s2.frozen.mllm.path == mllm_export and s2.init.iomm.path == "/w/stage1/export"
     half = _config("tiny", f"stage1.frozen.mllm.path={mllm_export}")  # stage 2 still links to it
     assert stages.needed(half, "mllm")
+    from mmjax import config as config_lib  # a linked entry's own default path does not cut the link
+
+    mm1 = config_lib.load(f"{ROOT}/configs/mm1.py:tiny_pipeline")
+    assert (
+        stages.needed(mm1, "pretrain")
+        and stages.stage_config(mm1, "sft", "/w").init.mm1.path == "/w/pretrain/export"
+    )
 
 
 def test_b_scale_builds_abstractly():

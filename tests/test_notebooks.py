@@ -47,7 +47,15 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
         "MMJAX_NOTEBOOK_STEPS": os.environ.get("MMJAX_TEST_IOMM_STEPS", "30"),
         "MMJAX_NOTEBOOK_MLLM_STEPS": "20",
         "MMJAX_NOTEBOOK_PROMPTS": "2",
-        "MMJAX_NOTEBOOK_OVERRIDES": "stage1.evals={} stage2.model.sample.steps=8",
+        "MMJAX_NOTEBOOK_OVERRIDES": " ".join(
+            [
+                "stage1.evals={}",
+                "stage2.model.sample.steps=8",
+                *(f"mllm.data.components.{c}.num_records=256" for c in ("caption", "interleaved", "text")),
+                "stage1.data.components.images.num_records=256",
+                "stage2.data.components.images.num_records=256",
+            ]
+        ),
         "MMJAX_NOTEBOOK_WORKDIR": str(work),
     }
     proc = subprocess.run(
