@@ -43,6 +43,8 @@ def _evals(c, prompts_per_task=8, edits=48, batch_size=48):
     c.evals.reconstruct = C.component(
         split="test", view="image", task="reconstruct", num_examples=edits, batch_size=batch_size
     )
+    for name, view in (("loss_image", "image"), ("loss_t2i", "caption")):  # the held-out flow losses
+        c.evals[name] = C.component(split="val", view=view, task="loss", num_examples=256, batch_size=64)
 
 
 def _stage(mllm, stage: int, pairs: int, lam: float):
@@ -56,6 +58,7 @@ def _stage(mllm, stage: int, pairs: int, lam: float):
             adapter="rqa", num_queries=16, num_heads=4, mlp_ratio=2.0, connector_depth=2, pooled=True
         ),
         mllm_image_size=0,  # the size the MLLM reads references at (0: data.image_size)
+        mllm_layer=-1,  # the LLM's hidden states the generator reads: -1 the last (normed), k layer k's
         vae=dict(),  # the autoencoder's architecture when frozen.vae has no folder yet (b: FLUX's)
         mim=dict(ratio=0.45, per_element=False),
         generator=dict(
@@ -91,7 +94,7 @@ def _stage(mllm, stage: int, pairs: int, lam: float):
     c.train.update(steps=1000, log_every=50, save_every=250, ema_decay=0.99)
     _evals(c)
     if stage == 1:  # text-to-image and edits need stage 2's pairs; stage 1 draws its references back
-        c.evals = dict(reconstruct=c.evals.reconstruct)
+        c.evals = dict(reconstruct=c.evals.reconstruct, loss_image=c.evals.loss_image)
     return c
 
 
@@ -180,5 +183,5 @@ def _b(stage: int):
     c.train.update(steps=200_000, log_every=100, save_every=2000, keep_period=20_000, ema_decay=0.999)
     _evals(c, prompts_per_task=92, edits=528, batch_size=48)  # ~553 GenEval-sized prompts x 4
     if stage == 1:
-        c.evals = dict(reconstruct=c.evals.reconstruct)
+        c.evals = dict(reconstruct=c.evals.reconstruct, loss_image=c.evals.loss_image)
     return c

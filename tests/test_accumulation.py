@@ -17,26 +17,32 @@ MM1 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 DATA = [f"data.components.{n}.num_records=256" for n in ("caption", "interleaved", "text")]
 
 
-def _grads(accum):
+def _grads(accum, shared=None):
+    """`shared`: the (state, local batch) of another accumulation's trainer; grad_accum enters
+    neither the initial state nor the data, so both steps start from the same arrays (one init)."""
     cfg = config_lib.load(
         MM1, ["data.global_batch_size=32", f"train.grad_accum={accum}", "train.steps=2", *DATA]
     )
     trainer = trainer_lib.Trainer(cfg, "")
-    state = trainer.init_state()
-    local = pipeline.first_batch(
-        pipeline.train_dataset(cfg, trainer.recipe.preprocess, trainer.recipe.packing())
-    )
+    if shared is None:
+        state = trainer.init_state()
+        local = pipeline.first_batch(
+            pipeline.train_dataset(cfg, trainer.recipe.preprocess, trainer.recipe.packing())
+        )
+    else:
+        state, local = shared
     batch = parallel.global_batch(local, trainer.batch_sharding)
     flat = tree.flat(state.params)
     ctx = Context(rng=jax.random.key(0), step=state.step, state=state.model_state)
     with trainer._context():
         loss, metrics, _, grads = jax.jit(trainer._loss_and_grads)(flat, {}, batch, ctx)
-    return local, float(loss), jax.device_get(metrics), jax.device_get(grads)
+    return (state, local), float(loss), jax.device_get(metrics), jax.device_get(grads)
 
 
 def test_accumulated_step_equals_the_full_batch():
-    local, loss1, m1, g1 = _grads(1)
-    _, loss4, m4, g4 = _grads(4)
+    shared, loss1, m1, g1 = _grads(1)
+    _, loss4, m4, g4 = _grads(4, shared)
+    local = shared[1]
     # the micro-batches (rows i, i+4, ...: the strided split) really differ in text tokens
     mask = local["loss_mask"] * (local["tokens_segment_ids"] > 0)
     per_micro = [mask[i::4].sum() for i in range(4)]

@@ -134,6 +134,21 @@ def test_scan_matches_unscanned(imported):
     np.testing.assert_allclose(scanned, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_hidden_layer_is_hfs_hidden_states(imported, scan):
+    """hidden_layer=k (IOMM's model.mllm_layer) gives HF's hidden_states[k]: the embeddings, then
+    each block's output before the final norm."""
+    model, _, dst = imported('llama_gqa')
+    with torch.no_grad():
+        ref = model(torch.from_numpy(TOKENS), output_hidden_states=True).hidden_states
+    for k in (0, 1):
+        _, hidden = mmjax_run(dst, TOKENS, scan=scan, hidden_layer=k)
+        np.testing.assert_allclose(hidden, ref[k].numpy(), **TOL)
+    assert not np.allclose(ref[0].numpy(), ref[1].numpy(), atol=1e-2)
+    with pytest.raises(ValueError, match='hidden_layer=2'):
+        hf_llm.llm_from_meta(weights.read_meta(str(dst)), hidden_layer=2)
+
+
 def test_greedy_generation_matches_hf(imported):
     model, _, dst = imported('llama_gqa')
     lengths = [9, 5, 7]

@@ -195,6 +195,13 @@ def test_gradients_reach_the_adapter_through_the_frozen_mllm(mllm_export):
     for name in ("rqa/queries", "rqa/attn/q/kernel", "generator/proj_out/kernel"):
         g = np.asarray(grads[name])
         assert np.isfinite(g).all() and np.abs(g).max() > 0, name
+    # the held-out loss evaluator: noise fixed per example, so any batch order gives the same values
+    held = jax.jit(recipe.held_out_loss)
+    err = np.asarray(held(params, batch))
+    flipped = np.asarray(held(params, {k: v[::-1] for k, v in batch.items()}))[::-1]
+    assert err.shape == (4, 8) and (err > 0).all()
+    np.testing.assert_allclose(flipped, err, rtol=1e-4)
+    assert not np.allclose(err[0], err[1], rtol=1e-3)  # other examples, other draws
 
 
 def test_the_chain_reuses_a_given_mllm(mllm_export):

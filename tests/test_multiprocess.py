@@ -18,6 +18,10 @@ MM1 = os.path.join(ROOT, "configs", "mm1.py")
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
 
+# The tiny config renders and caches 4096 records in every process (seconds each); 8 steps draw 256.
+FEW = "--config.data.components.shapes.num_records=512"
+
+
 def launch(nproc, per, *args, timeout=600):
     cmd = [LAUNCH, str(nproc), str(per), sys.executable, "-m", "mmjax.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -40,6 +44,7 @@ def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
         "--config.evals={}",
         "--config.mesh.data=2",
         "--config.mesh.fsdp=4",
+        FEW,
     ]
     first = launch(
         2,
@@ -69,6 +74,7 @@ def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
         "--config.train.steps=8",
         "--config.train.log_every=1",
         "--config.evals={}",
+        FEW,
     )
     a, b = read_metrics(one), read_metrics(multi)
     assert sorted(b) == list(range(1, 9))

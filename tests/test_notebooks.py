@@ -7,6 +7,27 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# configs/mm1.py as the notebook's MMJAX_CONFIGS folder (the one a Colab copy points at), with less to
+# render: 256 records per training component instead of 2048-4096 (each is rendered and cached when
+# its stage starts) and one batch per evaluator (the notebook's last cell reads one).
+SMALL_MM1 = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("_mm1_configs", {path!r})
+_mm1 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mm1)
+VARIANTS = _mm1.VARIANTS
+
+
+def get_config(arg=None):
+    c = _mm1.get_config(arg)
+    for comp in c.data.components.values():
+        comp.num_records = 256
+    for ev in c.evals.values():
+        ev.num_examples = ev.batch_size
+    return c
+"""
+
 
 def test_mm1_notebook_runs(tmp_path):
     with open(os.path.join(ROOT, "notebooks", "mm1.ipynb")) as f:
@@ -14,11 +35,15 @@ def test_mm1_notebook_runs(tmp_path):
     code = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     script = tmp_path / "mm1_notebook.py"
     script.write_text(code)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "mm1.py").write_text(SMALL_MM1.format(path=os.path.join(ROOT, "configs", "mm1.py")))
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "MMJAX_NOTEBOOK_STEPS": "20",
+        "MMJAX_NOTEBOOK_STEPS": "10",
         "MMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work"),
+        "MMJAX_CONFIGS": str(configs),
     }
     proc = subprocess.run(
         [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900

@@ -14,11 +14,15 @@ from mmjax import parallel, tree
 from mmjax.data import pipeline
 from mmjax.train import checkpoint as ckpt_lib, trainer as trainer_lib
 
+# The tiny config renders and caches 4096 records in every process it starts (seconds each); the runs
+# here draw at most 20 x 32, so they render 512 (still several epochs of shuffled data).
+FEW = "--config.data.components.shapes.num_records=512"
 SHORT = [
     "--config.train.steps=20",
     "--config.train.log_every=1",
     "--config.train.save_every=5",
     "--config.evals={}",
+    FEW,
 ]
 
 
@@ -31,6 +35,7 @@ def test_sharded_run_matches_one_device_and_shards_params(tmp_path, tiny_config)
         str(tmp_path / "one"),
         "--config.train.steps=8",
         "--config.train.log_every=1",
+        FEW,
         devices=1,
     )
     eight = run_mmjax(
@@ -43,6 +48,7 @@ def test_sharded_run_matches_one_device_and_shards_params(tmp_path, tiny_config)
         "--config.train.log_every=1",
         "--config.mesh.data=2",
         "--config.mesh.fsdp=4",
+        FEW,
         devices=8,
     )
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
@@ -93,10 +99,11 @@ def test_resume_is_bit_identical_after_sigkill_and_sigterm(tmp_path):
 
 def test_restore_onto_another_mesh(tmp_path, tiny_config):
     workdir = str(tmp_path / "run")
-    cfg = tiny_config("train.steps=6", "train.save_every=3", "mesh.data=8", "evals.val.num_examples=64")
+    few = FEW.removeprefix("--config.")
+    cfg = tiny_config("train.steps=6", "train.save_every=3", "mesh.data=8", "evals.val.num_examples=64", few)
     trainer_lib.train(cfg, workdir)
     cfg = tiny_config(
-        "train.steps=10", "train.save_every=3", "mesh.data=2", "mesh.fsdp=4", "evals.val.num_examples=64"
+        "train.steps=10", "train.save_every=3", "mesh.data=2", "mesh.fsdp=4", "evals.val.num_examples=64", few
     )
     trainer = trainer_lib.Trainer(cfg, workdir)
     ckpt = ckpt_lib.Checkpointer(workdir, cfg.train.keep)
@@ -118,9 +125,10 @@ def _one_step(trainer, state, batch):
 
 
 def _batch(trainer):
-    if not hasattr(trainer, "_test_batch"):  # the dataset (4096 records rendered) built once per trainer
-        ds = pipeline.train_dataset(trainer.config, trainer.recipe.preprocess)
-        trainer._test_batch = ds[0]
+    if not hasattr(trainer, "_test_batch"):  # the first batch, built once per trainer (512 records rendered)
+        config = trainer.config.copy_and_resolve_references()
+        config.data.components.shapes.num_records = 512
+        trainer._test_batch = pipeline.train_dataset(config, trainer.recipe.preprocess)[0]
     return parallel.global_batch(trainer._test_batch, trainer.batch_sharding)
 
 
@@ -172,6 +180,7 @@ def test_nan_guard_stops_at_the_exact_step_through_fit(tmp_path):
         "--config.train.max_bad_steps=3",
         "--config.debug.nan_from_step=8",
         "--config.evals={}",
+        FEW,
         check=False,
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -196,6 +205,7 @@ def test_zero_intervals_mean_off(tmp_path):
         "--config.train.log_every=0",
         "--config.train.save_every=0",
         "--config.evals={}",
+        FEW,
     )
     assert sorted(read_metrics(workdir)) == [3]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
@@ -208,7 +218,9 @@ def test_grad_accumulation_matches_full_batch(tmp_path, tiny_config):
             tiny_config(f"train.grad_accum={accum}", "optim.warmup_steps=0", "optim.schedule='constant'"),
             str(tmp_path),
         )
-        state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
+        if accum == 1:  # grad_accum enters neither the initial state nor the data: one init, one batch
+            start, batch = trainer.init_state(), _batch(trainer)
+        state, metrics = _one_step(trainer, start, batch)
         outs.append((float(metrics["loss"]), float(metrics["grad_norm"]), tree.flat(state.params)))
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
     assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-4)
@@ -259,11 +271,12 @@ def test_train_then_eval_cli(tmp_path):
         workdir,
         "--config.train.steps=10",
         "--config.evals.val.num_examples=128",
+        FEW,
     )
     assert os.listdir(os.path.join(workdir, "tb"))
     ckpt = os.path.join(workdir, "checkpoints", "10")
     assert {"state", "data", "config"} <= set(os.listdir(ckpt))
-    ev = run_mmjax("eval", "--config", TINY, "--workdir", workdir, "--config.evals.val.num_examples=128")
+    ev = run_mmjax("eval", "--config", TINY, "--workdir", workdir, "--config.evals.val.num_examples=128", FEW)
     assert "val/scene_accuracy" in ev.stdout and "step 10" in ev.stdout
     assert os.path.exists(os.path.join(workdir, "eval", "step_10.json"))
     assert "val/f1" in out.stdout

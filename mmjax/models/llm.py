@@ -56,6 +56,7 @@ class Block(nn.Module):
     moe: Mapping | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    keep_hidden: bool = False  # aux['hidden']: this block's output (LLM.hidden_layer)
 
     @nn.compact
     def __call__(self, x, cache, cos, sin, mask, index, tokens_mask):
@@ -83,7 +84,8 @@ class Block(nn.Module):
             y, aux = moe_lib.MoeMlp(mlp_dim=self.mlp_dim, **fields, name='moe', **kw)(y, tokens_mask)
         else:
             y = Mlp(self.mlp_dim, act='silu', gated=True, use_bias=self.mlp_bias, name='mlp', **kw)(y)
-        return nn.with_logical_constraint(x + y, ('batch', 'length', 'act_embed')), (cache, aux)
+        x = nn.with_logical_constraint(x + y, ('batch', 'length', 'act_embed'))
+        return x, (cache, {**aux, 'hidden': x} if self.keep_hidden else aux)
 
 
 class Decoder(nn.Module):
@@ -133,7 +135,9 @@ class Decoder(nn.Module):
 class LLM(nn.Module):
     """tokens [B, T] (or embeddings [B, T, D]) -> (logits [B, T, vocab] float32, aux).
 
-    aux: 'hidden' (final-normed hidden states [B, T, D]); 'cache' when called with a cache.
+    aux: 'hidden' (final-normed hidden states [B, T, D]; with hidden_layer=k >= 0, HF's
+      hidden_states[k]: the input embeddings for 0, block k's output otherwise); 'cache' when called
+      with a cache.
     positions [B, T]: RoPE positions (default: arange, offset by the cache index when decoding);
       restart them per packed document. attention_mask [B, T]: False = padding key.
     segment_ids [B, T]: packed documents; a token attends only within its own segment.
@@ -158,6 +162,7 @@ class LLM(nn.Module):
     scan: bool = False
     remat: str = ''
     moe: Mapping | None = None  # mixture-of-experts FFNs, keys of moe.DEFAULTS (module docstring)
+    hidden_layer: int = -1  # aux['hidden']: -1 the last after final_norm, k in [0, depth) layer k's
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping) and not isinstance(self.rope_scaling, FrozenDict):
@@ -174,6 +179,10 @@ class LLM(nn.Module):
                 raise ValueError('scan=True needs identical blocks: use moe every=1 or scan=False')
             if self.mlp_bias:
                 raise ValueError('MoE experts have no biases; set mlp_bias=False')
+        if self.hidden_layer > 0 and self.moe and self.moe['every'] != 1:
+            raise ValueError('hidden_layer > 0 with MoE needs moe every=1 (identical blocks)')
+        if not -1 <= self.hidden_layer < self.depth:
+            raise ValueError(f'hidden_layer={self.hidden_layer}: -1 (the last, normed) or 0..{self.depth - 1}')
         super().__post_init__()
 
     @property
@@ -201,6 +210,7 @@ class LLM(nn.Module):
             qkv_bias=self.qkv_bias,
             out_bias=self.out_bias,
             mlp_bias=self.mlp_bias,
+            keep_hidden=self.hidden_layer > 0,
             **kw,
         )
         self.decoder = Decoder(self.depth, FrozenDict(block), scan=self.scan, remat=self.remat, moe=self.moe)
@@ -240,10 +250,13 @@ class LLM(nn.Module):
             positions = jnp.broadcast_to(slots, (B, T))
         cos, sin = cos_sin(positions, self.head_size, self.rope_theta, self.rope_scaling)
         layers = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+        x0 = x
         x, layers, moe = self.decoder(x, layers, cos, sin, mask[:, None], index, tokens_mask)
         h = self.final_norm(x)
         logits = self.embedder.attend(h) if self.tie_embeddings else self.lm_head(h)
         aux = {'hidden': h}
+        if self.hidden_layer >= 0:
+            aux['hidden'] = moe.pop('hidden')[self.hidden_layer - 1] if self.hidden_layer else x0
         if self.moe:
             weights = self.moe['load_balance_weight'], self.moe['z_loss_weight']
             aux['moe_loss'] = weights[0] * moe['load_balance_loss'].sum() + weights[1] * moe['z_loss'].sum()

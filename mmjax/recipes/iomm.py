@@ -36,7 +36,8 @@ from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
 from mmjax.sampling import flow
 
 FORMATS = ("image", "caption")  # image-only, and text-image pairs
-TASKS = ("t2i", "edit", "reconstruct")  # evaluators: GenEval prompts, edits, image-only conditions
+# evaluators: GenEval prompts, edits, image-only conditions, the flow loss on held-out data
+TASKS = ("t2i", "edit", "reconstruct", "loss")
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -83,7 +84,8 @@ class Preprocess:
             tokens, mask = self.conds.image_only()
         else:
             tokens, mask = self.conds.row(record["text"], what="the caption")
-        return {"tokens": tokens, "mask": mask, "ref": image[None], "image": image}
+        out = {"tokens": tokens, "mask": mask, "ref": image[None], "image": image}
+        return {**out, "index": np.int32(record["index"])} if "index" in record else out
 
 
 class PromptPreprocess:
@@ -131,6 +133,7 @@ class Recipe(BaseRecipe):
         dtype = jnp.dtype(mc.dtype)
         try:
             mllm = vlm.build(mllm_model, vocab, self.conds.image_id)
+            mllm = mllm.clone(llm=mllm.llm.clone(hidden_layer=mc.mllm_layer))
             vae = self._vae()
             self.model = IOMM(
                 mllm=mllm,
@@ -291,9 +294,30 @@ class Recipe(BaseRecipe):
         ]
 
     # ---- evaluation ---------------------------------------------------------------------------
+    def held_out_loss(self, params, batch, num_times: int = 8):
+        """Per example, the flow loss averaged over `num_times` evenly spaced t with noise fixed by
+        the example's index: no condition dropout or masking, the same draws at every evaluation
+        (and in every run), so checkpoints and ablations compare on one sample."""
+        x = self.model.apply({"params": params}, to_float(batch["image"]), method=IOMM.to_target)
+        h, hm = self.condition(params, batch["tokens"], batch["mask"], batch["ref"])
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(batch["index"])
+
+        def err(k):
+            t = jnp.full((x.shape[0],), (k + 0.5) / num_times)
+            z = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), x.shape[1:]))(keys)
+            v = self.model.apply({"params": params}, fm.noisy(x, z, t), t, h, hm, method=IOMM.velocity)
+            return ((v.astype(jnp.float32) - fm.target(x, z)) ** 2).mean((1, 2, 3))
+
+        return jax.lax.map(err, jnp.arange(num_times)).T  # [B, num_times]
+
     def evaluators(self):
         out, s = {}, self.config.data.image_size
         for name, spec in self.config.evals.items():
+            if spec.task == "loss":
+                pre = Preprocess(self.conds, "image" if spec.view == "image" else "caption")
+                step = lambda p, b, ctx: {"err": self.held_out_loss(p, b)}  # noqa: E731
+                out[name] = Evaluator(spec, pre, step, HeldOutLoss())
+                continue
             pre = PromptPreprocess(self.conds, spec.task, s)
 
             def step(params, batch, ctx):
@@ -370,6 +394,19 @@ class EditScore:
         }
 
 
+class HeldOutLoss:
+    """The held-out flow loss, overall and in thirds of t (low, mid, high noise)."""
+
+    def __call__(self, out: dict) -> dict:
+        err = np.asarray(out["err"], np.float64)
+        thirds = np.array_split(err, 3, axis=1)
+        return {
+            "loss": float(err.mean()),
+            "loss_se": float(err.mean(1).std(ddof=1) / np.sqrt(len(err))) if len(err) > 1 else 0.0,
+            **{f"loss/t_{n}": float(part.mean()) for n, part in zip(("low", "mid", "high"), thirds)},
+        }
+
+
 class Reconstruction:
     """Image-only conditions: the share of images drawn back with exactly the reference's objects
     (shape, colour, size), and a grid of references next to their reconstructions."""
@@ -383,7 +420,9 @@ class Reconstruction:
         ok = [shapes_eval.matches_scene(im, sc) for im, sc in zip(out["image"], scenes)]
         pairs = [im for pair in zip(refs[:16], out["image"][:16]) for im in pair]
         labels = [t for k in ok[:16] for t in ("reference", "same" if k else "differs")]
+        mse = [np.mean((im / 255.0 - ref / 255.0) ** 2) for im, ref in zip(out["image"], refs)]
         return {
             "exact": float(np.mean(ok)),
+            "pixel_mse": float(np.mean(mse)),  # in [0, 1] units: graded, where `exact` is all or nothing
             "grid": artefacts.Images(np.stack(pairs), tuple(labels), columns=8),
         }
