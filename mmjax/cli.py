@@ -100,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(stages.train(config, args.workdir)))
             print(report(*stages.last(config, args.workdir)))
             return 0
+        if args.command == "check":  # every stage of a pipeline, its links left open (no weights)
+            parts = [(n, config[n]) for n in config.stages] if stages.is_pipeline(config) else [("", config)]
+            for name, part in parts:
+                print(json.dumps({**({"stage": name} if name else {}), **check(part)}))
+            return 0
         config, workdir = stages.last(config, args.workdir)
-        if args.command == "check":
-            print(json.dumps(check(config)))
-        elif args.command == "eval":
+        if args.command == "eval":
             print(evaluate(config, workdir))
         elif args.command == "sample":
             print(json.dumps(sample(config, workdir, args)))

@@ -13,7 +13,7 @@ import transformers as tr
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from conftest import ROOT, run_mmjax
-from mmjax import config as config_lib, tree, weights
+from mmjax import cli, config as config_lib, tree, weights
 from mmjax.data import tokenizer as tok_lib
 from mmjax.interop import hf
 from mmjax.models.llm import LLM
@@ -66,9 +66,10 @@ def test_readme_hugging_face_path(tmp_path):
         "--config.train.steps=4",
         "--config.evals={}",
     )
-    run_mmjax("export", *args, "--workdir", run, "--part", "llm")
+    # export and convert in this process (the CLI's own code path, without two more interpreter starts)
+    assert cli.main(["export", *args, "--workdir", run, "--part", "llm"]) == 0
     out = tmp_path / "my-llm"
-    run_mmjax("convert", "hf-export", os.path.join(run, "export_llm"), str(out))
+    assert cli.main(["convert", "hf-export", os.path.join(run, "export_llm"), str(out)]) == 0
 
     model = tr.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokenizer = tr.AutoTokenizer.from_pretrained(str(out))

@@ -177,8 +177,8 @@ def test_pipeline_pretrain_then_sft_from_its_export(tmp_path):
     data = [f"pretrain.{o}" for o in SMALL_DATA]
     cfg = load(
         "tiny_pipeline",
-        "pretrain.train.steps=300",
-        "pretrain.train.save_every=300",
+        "pretrain.train.steps=150",
+        "pretrain.train.save_every=150",
         "pretrain.train.log_every=25",
         "pretrain.evals={}",
         *data,

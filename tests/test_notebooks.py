@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
+from mmjax.eval import shapes_eval
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # configs/mm1.py as the notebook's MMJAX_CONFIGS folder (the one a Colab copy points at), with less to
@@ -75,7 +79,19 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
         "MMJAX_NOTEBOOK_OVERRIDES": " ".join(
             [
                 "stage1.evals={}",
-                "stage2.model.sample.steps=8",
+                "stage2.train.steps=300",
+                # the three samplers share a batch size (one compilation, cached); one batch for edits
+                "stage2.evals.geneval.batch_size=24",
+                *(
+                    f"stage2.evals.{e}.{k}=24"
+                    for e in ("edit", "reconstruct")
+                    for k in ("num_examples", "batch_size")
+                ),
+                *(
+                    f"stage2.evals.{e}.{k}=64"
+                    for e in ("loss_image", "loss_t2i")
+                    for k in ("num_examples", "batch_size")
+                ),
                 *(f"mllm.data.components.{c}.num_records=256" for c in ("caption", "interleaved", "text")),
                 "stage1.data.components.images.num_records=256",
                 "stage2.data.components.images.num_records=256",
@@ -93,6 +109,17 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
     assert grid and os.path.getsize(grid[0]) > 0
     assert sum(line.endswith(": 4 samples") for line in out.splitlines()) == 4
     assert sum(line.startswith("edit ") and "change made" in line for line in out.splitlines()) == 4
+    # a short run beats the untrained generator, whose samples (noise) score 0 on the same prompts
+    rows = [json.loads(line) for line in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "geneval/overall" in r][-1]
+    source = shapes_eval.PromptSource(2, 4)
+    records = [source[i] for i in range(len(source))]
+    noise = np.random.default_rng(0).normal(size=(len(records), 32, 32, 3))
+    untrained = shapes_eval.evaluate(
+        list(np.clip(np.round((noise + 1) * 127.5), 0, 255).astype(np.uint8)),
+        [shapes_eval.Prompt(r["task"], r["text"], json.loads(r["spec"])) for r in records],
+    )
+    assert untrained["overall"] == 0.0 and trained["geneval/overall"] > 0.0, trained
     # the README's second command, on the notebook's workdir
     samples = tmp_path / "samples"
     run_mmjax(

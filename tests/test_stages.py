@@ -67,3 +67,13 @@ def test_pipeline_links_are_checked():
         C.pipeline(("a", stage, {}), ("b", stage, {"init.nope": "a"}))
     with pytest.raises(ConfigError, match="not an earlier stage"):
         C.pipeline(("a", stage, {"init.llm": "b"}), ("b", stage, {}))
+
+
+def test_check_compiles_every_stage(capsys):
+    """`mmjax check` on a pipeline: each stage's step compiles, its links left open (no weights)."""
+    from mmjax import cli
+
+    assert cli.main(["check", "--config", PIPELINE, *ARGS]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in lines] == ["pretrain", "sft"]
+    assert all(r["params"] > 0 and r["argument_bytes"] > 0 for r in lines)
