@@ -6,6 +6,7 @@ runs for every seed, each in its own process:
   mask_R       stage 1 (image-only) then stage 2 (mixed), model.mim.ratio=R in both
   paired_only  stage 2's pairs alone, from scratch, for the steps of both stages (the same pairs)
   metaquery    the chain with the MetaQuery connector (mask 0.45, like the default RQA arm)
+  learned_pos  the chain with learned 2-D position embeddings instead of RoPE (mask 0.45)
 Each stage ends with its evaluations: stage 1 reconstruction and the held-out image-only flow
 loss; stage 2 GenEval, edits, reconstruction and the held-out flow losses (image-only and
 text-conditioned). The noise of the held-out losses is fixed per example, so arms compare on the
@@ -24,7 +25,7 @@ import time
 
 import common
 
-ARMS = ("mask_0", "mask_0.45", "mask_0.85", "paired_only", "metaquery")
+ARMS = ("mask_0", "mask_0.45", "mask_0.85", "paired_only", "metaquery", "learned_pos")
 METRICS = {
     "stage1": ("loss_image/loss", "reconstruct/pixel_mse", "reconstruct/exact"),
     "stage2": (
@@ -59,7 +60,7 @@ def run_one(arm: str, seed: int, steps: int, mllm: str, workdir: str) -> dict:
             del cfg.data.components["images"]
             cfg.data.components.pairs.weight = 1.0
         return {"stage2": trainer.train(cfg, workdir)}
-    ratio = 0.45 if arm == "metaquery" else float(arm.split("_")[1])
+    ratio = float(arm.split("_")[1]) if arm.startswith("mask_") else 0.45
     over = [
         f"stage{s}.{o}"
         for s in (1, 2)
@@ -73,6 +74,8 @@ def run_one(arm: str, seed: int, steps: int, mllm: str, workdir: str) -> dict:
     ]
     if arm == "metaquery":
         over += [f"stage{s}.model.adapter.adapter=metaquery" for s in (1, 2)]
+    if arm == "learned_pos":
+        over += [f"stage{s}.model.generator.positions=learned" for s in (1, 2)]
     return stages.train(config_lib.load(CONFIG + ":tiny", over), workdir)
 
 

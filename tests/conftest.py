@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# Tests compile far more than they run: XLA's CPU backend at optimisation level 0 compiles them
+# about 30% faster (the programs compute the same values).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402,F401  (reads its config now: the cache variables below are for subprocesses)
 import pytest  # noqa: E402
@@ -22,9 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "vit_shapes.py:tiny")
 
 
+def xla_flags(devices):
+    return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+
+
 def run_mmjax(*args, devices=1, check=True, timeout=600, module="mmjax.cli", env=None):
     """Runs `python -m mmjax.cli ARGS` (or another module) with `devices` fake CPU devices."""
-    env = {**os.environ, **(env or {}), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, **(env or {}), "XLA_FLAGS": xla_flags(devices)}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,

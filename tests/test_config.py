@@ -59,7 +59,7 @@ def test_unknown_variant_is_one_line_on_the_command_line():
         (["train.grad_accum=3"], "times train.grad_accum=3"),
         (["data.components.shapes.path='/no/such/dir'"], "path='/no/such/dir' does not exist"),
         (["data.components.shapes.weight=0.0"], "weight=0.0 must be > 0"),
-        (["data.components.shapes.source='webdataset'"], "source='webdataset'; available: shapes"),
+        (["data.components.shapes.source='webdatset'"], "source='webdatset'; available: shapes"),
         (["optim.freeze=('NoSuchLayer',)"], "optim.freeze pattern 'NoSuchLayer' matches no parameter"),
         (["optim.groups=(('nope', 0.1),)"], "optim.groups\\[0\\] pattern 'nope' matches no trainable"),
         (["optim.name='sgdx'"], "choose adamw, lamb, adafactor"),

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import ROOT, run_mmjax, xla_flags
 
 from mmjax.eval import shapes_eval
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # configs/mm1.py as the notebook's MMJAX_CONFIGS folder (the one a Colab copy points at), with less to
 # render: 256 records per training component instead of 2048-4096 (each is rendered and cached when
@@ -44,7 +43,7 @@ def test_mm1_notebook_runs(tmp_path):
     (configs / "mm1.py").write_text(SMALL_MM1.format(path=os.path.join(ROOT, "configs", "mm1.py")))
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": xla_flags(1),
         "MMJAX_NOTEBOOK_STEPS": "10",
         "MMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work"),
         "MMJAX_CONFIGS": str(configs),
@@ -63,8 +62,6 @@ def test_mm1_notebook_runs(tmp_path):
 def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
     """The tiny IOMM chain with few steps: the report (shapes-eval table, grid path), samples next
     to prompts, edits; then `mmjax sample` and `shapes-eval` on the same workdir."""
-    from conftest import run_mmjax
-
     with open(os.path.join(ROOT, "notebooks", "iomm.ipynb")) as f:
         cells = json.load(f)["cells"]
     script = tmp_path / "iomm_notebook.py"
@@ -72,7 +69,7 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
     work = tmp_path / "work"
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": xla_flags(1),
         "MMJAX_NOTEBOOK_STEPS": os.environ.get("MMJAX_TEST_IOMM_STEPS", "30"),
         "MMJAX_NOTEBOOK_MLLM_STEPS": "20",
         "MMJAX_NOTEBOOK_PROMPTS": "2",

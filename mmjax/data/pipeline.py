@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from mmjax.config import ConfigError
-from mmjax.data import shapes
+from mmjax.data import shapes, sources
 from mmjax.eval import shapes_eval
 
 
@@ -50,7 +50,14 @@ def _geneval(comp, image_size: int):
 
 
 # component.source -> (component config, image size) -> random-access source
-SOURCES = {"shapes": _shapes, "geneval": _geneval}
+SOURCES = {
+    "shapes": _shapes,
+    "geneval": _geneval,
+    "image_folder": sources.ImageFolder,
+    "webdataset": sources.WebDataset,
+    "array_record": sources.ArrayRecord,
+    "tfds": sources.Tfds,
+}
 
 
 def make_source(comp, image_size: int):
