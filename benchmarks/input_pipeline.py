@@ -6,7 +6,7 @@
 The pipeline is the one `Trainer.fit` builds for configs/vit_shapes.py:tiny, per data mode
 (common.DATA: `shipped` serves records cached in memory at start, `render` renders them on
 the fly): `pipeline.train_dataset(config, recipe.preprocess)` (build_s: its construction,
-which renders the cache) then `pipeline.to_iter(ds, num_workers, data.prefetch)`.
+which renders the cache; with workers each worker reads the source itself, uncached).
 Interleaved over `--reps` repetitions, with medians reported:
 
   step      the compiled tiny train step (`Trainer.compile_step`) on one on-device batch, called
@@ -17,14 +17,15 @@ Interleaved over `--reps` repetitions, with medians reported:
             (the step measured just before); the goal is >= 5.
 
 Per sample on the main thread: source_ms, the component source's `__getitem__` (a list
-lookup when cached, rendering otherwise); preprocess_ms, the recipe's preprocess; getitem_ms,
-the whole random-access path (`train_dataset(...)[i]` / batch size: source, preprocess,
+lookup when cached, rendering otherwise); preprocess_ms, the recipe's preprocess; batch_ms,
+the whole path without workers (one batch of the stream / batch size: source, preprocess,
 grain's per-record bookkeeping, batching).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import os
 import sys
@@ -34,12 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 
 
-def pipeline_rate(ds, num_workers: int, prefetch: int, warmup: int, batches: int, batch_size: int):
-    """(seconds to the first batch, samples/s over `batches` batches after `warmup`)."""
-    from mmjax.data import pipeline
-
+def pipeline_rate(make, num_workers: int, warmup: int, batches: int, batch_size: int):
+    """(seconds to the first batch, samples/s over `batches` batches after `warmup`) of the
+    stream `make(num_workers)` builds."""
     t0 = time.perf_counter()
-    it = iter(pipeline.to_iter(ds, num_workers, prefetch))
+    it = make(num_workers)
     next(it)
     first = time.perf_counter() - t0
     for _ in range(warmup):
@@ -78,20 +78,21 @@ def main():
     steps = [f"train.steps={1 + args.warmup + args.batches}"]
     configs = {d: common.load_config("tiny", d, steps) for d in datas}
     config = configs[datas[0]]
-    gb, prefetch = config.data.global_batch_size, config.data.prefetch
+    gb = config.data.global_batch_size
 
     trainer = trainer_lib.Trainer(config, common.tempdir("mmjax_bench_pipe_"))
     datasets, per_sample = {}, {}
     for d in datas:
         t0 = time.perf_counter()
-        datasets[d] = ds = pipeline.train_dataset(configs[d], trainer.recipe.preprocess)
+        datasets[d] = functools.partial(pipeline.train_dataset, configs[d], trainer.recipe.preprocess)
+        ds = datasets[d]()
         per_sample[d] = {"build_s": time.perf_counter() - t0}
         source = pipeline.make_source(configs[d].data.components.shapes, configs[d].data.image_size)
         records = [source[i] for i in range(8 * gb)]  # also a warm-up
         per_sample[d]["source_ms"] = ms_per_call(source.__getitem__, range(8 * gb))
         per_sample[d]["preprocess_ms"] = ms_per_call(trainer.recipe.preprocess("shapes"), records)
-        per_sample[d]["getitem_ms"] = ms_per_call(ds.__getitem__, range(8)) / gb
-    local = datasets[datas[0]][0]
+        per_sample[d]["batch_ms"] = ms_per_call(lambda _: next(ds), range(8)) / gb
+    local = pipeline.first_batch(datasets[datas[0]]())
     compiled = trainer.compile_step(trainer.abstract_batch(local))
     batch = parallel.global_batch(local, trainer.batch_sharding)
     *_, state = common.bare_step(compiled, trainer.init_state(), batch, 5)  # warm-up
@@ -101,7 +102,7 @@ def main():
         for key in [(d, w) for d in datas for w in workers]:
             block = common.quiet(args.wait_quiet)
             sec, _, state = common.bare_step(compiled, state, batch, args.steps)
-            f, rate = pipeline_rate(datasets[key[0]], key[1], prefetch, args.warmup, args.batches, gb)
+            f, rate = pipeline_rate(datasets[key[0]], key[1], args.warmup, args.batches, gb)
             step_sps[key].append(gb / sec)
             first[key].append(f)
             rates[key].append(rate)

@@ -186,7 +186,7 @@ def main():
         bare_n, fit_n = (max(round(x * args.scale), 1) for x in STEPS[v])
         config = fit_config(v, "render", 0)  # the step does not depend on the data mode
         trainer = trainer_lib.Trainer(config, common.tempdir("mmjax_bench_bare_"))
-        local = pipeline.train_dataset(config, trainer.recipe.preprocess)[0]
+        local = pipeline.first_batch(pipeline.train_dataset(config, trainer.recipe.preprocess))
         compiled = trainer.compile_step(trainer.abstract_batch(local))
         batch = parallel.global_batch(local, trainer.batch_sharding)
         *_, state = common.bare_step(compiled, trainer.init_state(), batch, 3)  # warm-up

@@ -188,6 +188,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]
         raise ConfigError(f"train.ema_decay={tc.ema_decay} must be in [0, 1) (0 = no EMA; e.g. 0.999)")
     if not config.data.components:
         raise ConfigError("data.components is empty; name at least one data source")
+    shards = config.data.shards or num_processes
+    if shards % num_processes or gb % shards:
+        raise ConfigError(
+            f"data.shards={config.data.shards} must be a multiple of the {num_processes} processes and divide "
+            f"data.global_batch_size={gb}"
+        )
+    if not 0.0 <= config.data.max_skip_rate <= 1.0:
+        raise ConfigError(f"data.max_skip_rate={config.data.max_skip_rate} must be in [0, 1]")
     for name, comp in config.data.components.items():
         where = f"data.components.{name}"
         if comp.weight <= 0:
@@ -287,6 +295,12 @@ def base() -> ml_collections.ConfigDict:
             # start-up and IPC without adding cores (BENCHMARKS.md, input pipeline).
             num_workers=0,
             prefetch=2,
+            # the run stops when more than this share of the records read were skipped (corrupt,
+            # unreadable, too long): counted in the logs as data/skipped and data/skip_rate
+            max_skip_rate=0.05,
+            # data shards (0: the process count when the run starts): the stream is a function of
+            # this count, and a run resumes on any process count that divides it
+            shards=0,
             components=ml_collections.ConfigDict(),
         )
     )

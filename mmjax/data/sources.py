@@ -9,14 +9,12 @@ np.random.default_rng((component seed, index)): a record is a function of its in
 Component options: `max_pixels` (decompression-bomb limit), `num_records` (> 0: the first n).
 
 Skips: a record that cannot be read or decoded never raises; it comes back as {"index", "key",
-"_skip": reason}. A pipeline drops those with `MapDataset.filter(keep)`: grain's filter yields
-None at that index, a later `map` passes None on without calling its function, and iterating
-(`to_iter_dataset()`, worker prefetch) leaves the Nones out, so no skipped record reaches a
-batch; the batching then happens on the IterDataset (grain refuses `MapDataset.batch` after a
-filter). Counts, from `stats()`: `skipped_in_index` (keys without an image, bad manifest lines:
-found when the source is built, so the same in every process) and `skipped` (read and decode
-failures seen by this copy of the source: a pickled copy, i.e. a grain worker, counts from zero,
-so run totals come from summing the copies or counting `_skip` fields before the filter).
+"_skip": reason}. The training stream (pipeline.TrainStream) drops and counts those after its
+workers; with plain grain, `MapDataset.filter(keep)` drops them (then batch the IterDataset:
+grain refuses `MapDataset.batch` after a filter). `stats()` counts `skipped_in_index` (keys
+without an image, bad manifest lines: found when the source is built, the same in every process)
+and `skipped` (read and decode failures seen by this copy of the source; a grain worker's copy
+counts from zero).
 """
 
 from __future__ import annotations

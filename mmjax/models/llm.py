@@ -182,7 +182,9 @@ class LLM(nn.Module):
         if self.hidden_layer > 0 and self.moe and self.moe['every'] != 1:
             raise ValueError('hidden_layer > 0 with MoE needs moe every=1 (identical blocks)')
         if not -1 <= self.hidden_layer < self.depth:
-            raise ValueError(f'hidden_layer={self.hidden_layer}: -1 (the last, normed) or 0..{self.depth - 1}')
+            raise ValueError(
+                f'hidden_layer={self.hidden_layer}: -1 (the last, normed) or 0..{self.depth - 1}'
+            )
         super().__post_init__()
 
     @property

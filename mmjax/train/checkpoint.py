@@ -11,11 +11,13 @@ one mesh shape continues on another. The workdir may be a bucket (`gs://...`).
 from __future__ import annotations
 
 import json
+import re
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mmjax.data.pipeline import merge_states
 from mmjax.paths import resolve
 
 
@@ -51,13 +53,24 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
-        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs); the data
+        stream from every process's saved file (its shards may now live on another process)."""
         step = self.latest_step() if step is None else step
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            data_iter.set_state(self._data_state(step))
         return restored["state"], step
+
+    def _data_state(self, step: int) -> bytes:
+        """The saved states of all processes (grain's handler writes `process_I-of-N.json` each), merged."""
+        folder = self.manager.directory / str(step) / "data"
+        files = sorted(folder.glob("process_*-of-*.json"))
+        counts = {int(re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name).group(1)) for f in files}
+        if len(counts) != 1 or len(files) != next(iter(counts)):
+            raise RuntimeError(f"{folder} holds {[f.name for f in files]}: not one file per saving process")
+        return merge_states([f.read_text() for f in files])
 
     def run_info(self, step: int | None = None) -> dict:
         """The `run` JSON saved with a checkpoint ({} for checkpoints without one)."""

@@ -385,8 +385,9 @@ class Trainer:
     def fit(self) -> dict:
         cfg, tc = self.config, self.config.train
         lead = jax.process_index() == 0
-        ds = pipeline.train_dataset(cfg, self.recipe.preprocess, self.recipe.packing())
-        data_iter = iter(pipeline.to_iter(ds, cfg.data.num_workers, cfg.data.prefetch))
+        data_iter = pipeline.train_dataset(
+            cfg, self.recipe.preprocess, self.recipe.packing(), cfg.data.num_workers
+        )
         frozen, run = self.load_frozen()
         ckpt = ckpt_lib.Checkpointer(self.workdir, tc.keep, tc.keep_period)
         start = 0
@@ -400,7 +401,7 @@ class Trainer:
         writer = metrics_lib.MetricWriter(
             self.workdir, start, enabled=lead, wandb=cfg.wandb, run_config=config_json
         )
-        compiled = self.compile_step(self.abstract_batch(pipeline.first_batch(ds)))
+        compiled = self.compile_step(self.abstract_batch(pipeline.first_batch(data_iter)))
         log_memory(compiled, self.num_params)
         multi = jax.process_count() > 1
         # Several processes agree on a preemption step through JAX's preemption service, whose
@@ -424,7 +425,7 @@ class Trainer:
                     self._check_streak(prev, step - 1)
                 prev = metrics
                 if (log_every and step % log_every == 0) or step == steps:
-                    last = writer.write(step, metrics)
+                    last = writer.write(step, {**metrics, **data_iter.metrics()})
                     progress.update(step, last["loss"])
                 else:
                     progress.update(step)
