@@ -39,7 +39,7 @@ def pipeline_rate(make, num_workers: int, warmup: int, batches: int, batch_size:
     """(seconds to the first batch, samples/s over `batches` batches after `warmup`) of the
     stream `make(num_workers)` builds."""
     t0 = time.perf_counter()
-    it = make(num_workers)
+    it = make(num_workers=num_workers)
     next(it)
     first = time.perf_counter() - t0
     for _ in range(warmup):

@@ -111,6 +111,22 @@ class _Mixed:
         return {**record, "_index": np.int64(k)}
 
 
+class _Chunk:
+    def __init__(self, mixed: _Mixed, start: int, size: int):
+        self.mixed, self.start, self.size = mixed, start, size
+
+    def __call__(self, k):
+        first = self.start + int(k) * self.size
+        return [self.mixed(i) for i in range(first, first + self.size)]
+
+
+class _Unchunk(grain.experimental.FlatMapTransform):
+    max_fan_out = 1 << 20
+
+    def flat_map(self, chunk):
+        return chunk
+
+
 def _component_seed(seed: int, name: str) -> int:  # by name: adding a component moves no other
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
 
@@ -151,7 +167,9 @@ class _Shard:
         mixed = _Mixed(
             self.components, st.preprocess, [weights[n] for n in st.names], [start[n] for n in st.names]
         )
-        ds = grain.MapDataset.range(self.state["next"], 2**62).map(mixed)
+        # workers send chunks of `local` consecutive elements (one IPC round trip per chunk)
+        chunk = _Chunk(mixed, self.state["next"], st.local)
+        ds = grain.MapDataset.range(0, 2**62 // st.local).map(chunk)
         prefetch = st.config.data.prefetch
         it = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch)
@@ -160,7 +178,7 @@ class _Shard:
             it = it.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
             )
-        it = it.filter(self._keep)
+        it = grain.experimental.FlatMapIterDataset(it, _Unchunk()).filter(self._keep)
         if not st.packing:
             return it
         packed = grain.experimental.FirstFitPackIterDataset(
