@@ -8,6 +8,8 @@
   mmjax plot   DIR [--out PNG]                       # the loss curves of a run (also written after training)
   mmjax convert hf-import SRC DST   # local HF folder (safetensors) -> mmjax weights (config.init)
   mmjax convert hf-export SRC DST   # mmjax LLM weights -> a folder transformers loads
+  mmjax data convert SRC DST [--shard-size N] [--workers N]   # images / tar shards -> ArrayRecord
+  mmjax data inspect PATH [-n N] [--grid OUT.png]   # a data source's size, schema, records, picture
 
 `train` resumes from the latest checkpoint in DIR when there is one; a pipeline config (a variant
 that declares stages) runs its stages in order into DIR/<stage>, skipping finished ones, and
@@ -62,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot a run's loss curves to a PNG")
     p.add_argument("workdir")
     p.add_argument("--out", default="", help="default: WORKDIR/loss.png")
+    data = sub.add_parser("data", help="convert or inspect a data set").add_subparsers(
+        dest="data", required=True
+    )
+    p = data.add_parser("convert", help="an image folder or WebDataset shards -> ArrayRecord shards")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--source", default="", help="image_folder or webdataset (default: guessed from SRC)")
+    p.add_argument("--shard-size", type=int, default=4096, help="records per ArrayRecord shard")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p = data.add_parser("inspect", help="a data source's size, schema, first records, a picture")
+    p.add_argument("path")
+    p.add_argument("--source", default="", help="default: guessed from PATH")
+    p.add_argument("-n", type=int, default=4, help="records to print")
+    p.add_argument("--grid", default="", help="write a PNG of up to 16 images with their captions")
+    p.add_argument("--size", type=int, default=128, help="image side the records are decoded to")
     p = sub.add_parser("convert", help="convert weights between Hugging Face and mmjax")
     p.add_argument("direction", choices=["hf-import", "hf-export"])
     p.add_argument("src")
@@ -85,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     flags.FLAGS.mark_as_parsed()
     if args.command == "convert":
         return convert(args.direction, args.src, args.dst)
+    if args.command == "data":
+        return data_command(args)
     from mmjax import config as config_lib, parallel  # heavy imports after argument parsing
     from mmjax.train import stages, trainer as trainer_lib
 
@@ -133,6 +152,21 @@ def convert(direction: str, src: str, dst: str) -> int:
         print(f"mmjax convert: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"wrote": dst, **{k: v for k, v in meta.items() if k != "model"}}))
+    return 0
+
+
+def data_command(args) -> int:
+    from mmjax.data import convert as data_lib
+
+    try:
+        if args.data == "convert":
+            out = data_lib.convert(args.src, args.dst, args.source, args.shard_size, args.workers)
+        else:
+            out = data_lib.inspect(args.path, args.source, args.n, args.grid, args.size)
+    except ConfigError as e:
+        print(f"mmjax data {args.data}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1))
     return 0
 
 

@@ -290,7 +290,7 @@ def _atomic_write(path: epath.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def write_array_record(path, records: Iterable[dict]) -> int:
