@@ -221,3 +221,29 @@ def test_skipped_and_too_long_records_are_dropped_counted_and_stop_the_run(tiny_
     with pytest.raises(pipeline.DataError, match="records were skipped.*truncated image.*max_skip_rate=0.1"):
         for _ in itertools.islice(_stream(cfg), 40):
             pass
+
+
+class _Augmented:
+    """A source whose records depend on the epoch they are read in (as random crops do)."""
+
+    def __init__(self, comp, image_size):
+        pass
+
+    def __len__(self):
+        return 16
+
+    def read(self, i, epoch=0):
+        return {"index": np.int64(i), "epoch": np.int64(epoch)}
+
+    def __getitem__(self, i):
+        return self.read(i)
+
+
+def test_every_epoch_draws_new_augmentations(tiny_config, monkeypatch):
+    monkeypatch.setitem(pipeline.SOURCES, "augmented", _Augmented)
+    cfg = tiny_config("data.global_batch_size=8")
+    with cfg.unlocked():
+        cfg.data.components.shapes.update(source="augmented", cache=False)
+    batches = list(itertools.islice(_stream(cfg, fn=lambda r: {"index": r["index"], "epoch": r["epoch"]}), 6))
+    epochs = np.concatenate([b["epoch"] for b in batches]).reshape(3, 16)
+    assert (epochs == np.arange(3)[:, None]).all()

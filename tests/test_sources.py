@@ -133,6 +133,9 @@ def test_crops_are_deterministic_per_index_and_survive_pickling(tmp_path):
     assert len({f.tobytes() for f in first}) > 3  # crops differ between records
     other = make("image_folder", root, crop="random_crop", flip=True, seed=2)
     assert any(not np.array_equal(f, other[i]["image"]) for i, f in enumerate(first))
+    later = [src.read(i, epoch=1)["image"] for i in range(12)]  # another epoch, other crops
+    assert any(not np.array_equal(f, g) for f, g in zip(first, later))
+    np.testing.assert_array_equal(later[3], src.read(3, epoch=1)["image"])
     centre = make("image_folder", root)[0]["image"]  # the default: centre crop, no flip
     assert centre[0, 0, 0] < centre[0, -1, 0] and abs(int(centre[0, 0, 0]) - 60) <= 3
     decode.set_limits(5)  # a worker process starts with some other limit ...

@@ -287,3 +287,23 @@ def test_bf16_compute_keeps_fp32_params(tmp_path, tiny_config):
     state, metrics = _one_step(trainer, trainer.init_state(), _batch(trainer))
     assert np.isfinite(float(metrics["loss"]))
     assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_evaluation_stops_when_any_process_runs_out(monkeypatch):
+    """Two processes whose evaluation streams lost different numbers of records to skips: both
+    stop at the shorter one and make the same number of collective calls."""
+    peer_batches = 2
+    calls = []
+
+    def allgather(x):  # this process's flag and the peer's (the peer has 2 batches)
+        calls.append(int(x))
+        return np.array([int(x), int(len(calls) <= peer_batches)])
+
+    monkeypatch.setattr(trainer_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(trainer_lib.multihost_utils, "process_allgather", allgather)
+    assert list(trainer_lib._while_all_have(iter([10, 11, 12, 13]))) == [10, 11]
+    assert len(calls) == peer_batches + 1  # as many as the peer's: 2 batches, then its 0
+    calls.clear()
+    peer_batches = 5
+    assert list(trainer_lib._while_all_have(iter([10, 11]))) == [10, 11]
+    assert calls == [1, 1, 0]

@@ -105,7 +105,11 @@ class _Mixed:
 
     def __call__(self, k):
         i, position = self.interleave.pick(int(k))
-        record = self.components[i][self.starts[i] + position]
+        source, order, per_epoch = self.components[i]
+        at = self.starts[i] + position
+        idx, epoch = int(order[at]), at // per_epoch
+        # sources with random augmentation draw it per (record, epoch): a new crop every epoch
+        record = source.read(idx, epoch) if hasattr(source, "read") else source[idx]
         if "_skip" not in record:
             record = {**self.preprocess[i](record), "_component": np.int32(i)}
         return {**record, "_index": np.int64(k)}
@@ -148,18 +152,21 @@ class _Shard:
         }
         self._it = None
 
-    def _component(self, name: str) -> grain.MapDataset:
+    def _component(self, name: str) -> tuple:
+        """(source, this shard's order of its indices: shuffled every epoch and repeated for ever,
+        the indices per epoch)."""
         st = self.stream
         comp = st.config.data.components[name]
         # worker processes each get a copy of the pipeline: no in-memory cache there
         source = make_source(comp, st.config.data.image_size, cache=st.num_workers == 0)
-        ds = grain.MapDataset.source(source)[self.shard :: st.num_shards]
+        ds = grain.MapDataset.range(len(source))[self.shard :: st.num_shards]
         if len(ds) == 0:
             raise ConfigError(
                 f"data.components.{name} has {len(source)} records, fewer than the {st.num_shards} data "
                 "shards (data.shards, default: the process count); every shard needs at least one"
             )
-        return ds.shuffle(seed=_component_seed(st.config.seed + 7919 * self.shard, name)).repeat()
+        epoch = ds.shuffle(seed=_component_seed(st.config.seed + 7919 * self.shard, name))
+        return source, epoch.repeat(), len(ds)
 
     def rows(self, num_workers: int) -> grain.IterDataset:
         """Examples (or packed rows) from the current position, `_index` (the mixed index) on each."""

@@ -5,7 +5,8 @@ Every source returns records in one schema: {"index": int64, "key": str, "image"
 of its JSONL line, img2dataset .json or ArrayRecord `meta`; the schema's names win). Images
 are decoded by `mmjax.data.decode` and `resize_crop`ped to the pipeline's image size with the
 component's `crop` (center_crop | random_crop | resize) and `flip`, drawing from
-np.random.default_rng((component seed, index)): a record is a function of its index alone.
+np.random.default_rng((component seed, index[, epoch])): a record is a function of its index
+(and, through `read(idx, epoch)`, the epoch) alone.
 Component options: `max_pixels` (decompression-bomb limit), `num_records` (> 0: the first n).
 
 Skips: a record that cannot be read or decoded never raises; it comes back as {"index", "key",
@@ -69,6 +70,11 @@ class _Source:
         return self._len
 
     def __getitem__(self, idx) -> dict:
+        return self.read(idx)
+
+    def read(self, idx, epoch: int = 0) -> dict:
+        """Record `idx`, its random crop and flip drawn for `epoch` (the training stream passes
+        the epoch, so every epoch sees new crops; `source[idx]` is epoch 0)."""
         idx = int(idx)
         if not 0 <= idx < self._len:
             raise IndexError(f"record {idx} out of range for {self!r}")
@@ -79,7 +85,7 @@ class _Source:
         out = decode.decode(data, self.image_size)
         if out.image is None:
             return self._skip(idx, key, out.reason)
-        rng = np.random.default_rng((self.seed, idx))
+        rng = np.random.default_rng((self.seed, idx, epoch) if epoch else (self.seed, idx))
         image = decode.resize_crop(out.image, self.image_size, self.crop, rng, self.flip)
         meta = {k: v for k, v in meta.items() if k not in _SCHEMA}
         return {**meta, "index": np.int64(idx), "key": key, "image": image, "text": text}

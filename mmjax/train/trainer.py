@@ -333,7 +333,7 @@ class Trainer:
             with self._context():
                 step = self._eval_steps.setdefault(name, jax.jit(ev.step))
                 outs = []
-                for b, local in enumerate(ds):
+                for b, local in enumerate(_while_all_have(ds)):
                     out = step(
                         params,
                         parallel.global_batch(local, self.batch_sharding),
@@ -463,6 +463,17 @@ class Trainer:
                 f"{self.config.train.max_bad_steps}); stopped with the last good checkpoint intact. "
                 "Lower the learning rate, enable gradient clipping, or check the data."
             )
+
+
+def _while_all_have(batches):
+    """Batches for as long as every process has one: processes whose evaluation data lost
+    different numbers of records to skips stop together instead of waiting on each other."""
+    for local in batches:
+        if jax.process_count() > 1 and not multihost_utils.process_allgather(np.int32(1)).all():
+            return
+        yield local
+    if jax.process_count() > 1:
+        multihost_utils.process_allgather(np.int32(0))  # the others learn this one is done
 
 
 class _SigtermFlag:
