@@ -106,7 +106,8 @@ def test_shards_make_the_stream_independent_of_the_process_count(tiny_config, mo
 def test_resume_continues_exactly_and_new_weights_keep_positions(tiny_config):
     cfg = _two(tiny_config, "data.global_batch_size=16")
     a = _stream(cfg)
-    before = [next(a) for _ in range(3)]
+    for _ in range(3):
+        next(a)
     state = a.get_state()
     rest = [next(a) for _ in range(5)]
     b = _stream(cfg)
@@ -134,7 +135,6 @@ def test_resume_continues_exactly_and_new_weights_keep_positions(tiny_config):
         i for comp, i in (x for b in itertools.islice(_stream(cfg3), 20) for x in _pairs(b)) if comp == 0
     ]
     assert first_more == fresh[: len(first_more)]  # the new component starts at its beginning
-    del before
 
 
 def _as_sequence(record):  # a variable-length "document": index repeated, 0..2 images

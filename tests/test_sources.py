@@ -246,7 +246,7 @@ def test_webdataset_index_cache(shards, tmp_path, monkeypatch):
     changed = make("webdataset", shards, index_dir=str(cache))
     assert len(changed) == 3 and changed[2]["key"] == "000010005" and changed[2]["text"] == "new"
     # a shard folder that cannot be written to: the index goes to index_dir
-    real_write = sources._atomic_write
+    real_write = sources.write_atomic
 
     def read_only(path, text):
         if os.fspath(path.parent) == os.fspath(shards):
@@ -255,7 +255,7 @@ def test_webdataset_index_cache(shards, tmp_path, monkeypatch):
 
     for f in shards.glob("*.index.json"):
         f.unlink()
-    monkeypatch.setattr(sources, "_atomic_write", read_only)
+    monkeypatch.setattr(sources, "write_atomic", read_only)
     fallback = make("webdataset", shards, index_dir=str(cache))
     assert len(fallback) == 3 and not list(shards.glob("*.index.json")) and len(os.listdir(cache)) == 2
     monkeypatch.setattr(tarfile, "open", no_tar)

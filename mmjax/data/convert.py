@@ -27,7 +27,7 @@ from PIL import Image
 
 from mmjax.config import ConfigError, component
 from mmjax.data import decode, sources
-from mmjax.paths import resolve
+from mmjax.paths import resolve, write_atomic
 
 CONVERTIBLE = {"image_folder": sources.ImageFolder, "webdataset": sources.WebDataset}
 
@@ -61,7 +61,7 @@ def _convert_shard(source, first: int, stop: int, dst: str, name: str) -> dict:
         nonlocal nbytes
         for i in range(first, stop):
             try:
-                key, data, text, meta = source._read(i)
+                key, data, text, meta = source.raw(i)
             except (OSError, ValueError, RuntimeError) as e:
                 reason = f"unreadable ({type(e).__name__})"
             else:
@@ -77,7 +77,7 @@ def _convert_shard(source, first: int, stop: int, dst: str, name: str) -> dict:
     written = sources.write_array_record(tmp, records())
     tmp.rename(folder / f"{name}.array_record")
     stats = {"records": written, "bytes": nbytes, "skipped": skipped}
-    sources._atomic_write(folder / f"{name}.stats.json", json.dumps(stats))
+    write_atomic(folder / f"{name}.stats.json", json.dumps(stats))
     return stats
 
 
@@ -103,7 +103,7 @@ def convert(
             f"{dst} holds a conversion with other settings ({plan_file.read_text()}); convert into a new folder "
             f"or rerun with the same source and --shard-size"
         )
-    sources._atomic_write(plan_file, json.dumps(plan))
+    write_atomic(plan_file, json.dumps(plan))
     names = [_shard_name(s, num) for s in range(num)]
     todo = [s for s in range(num) if not (out / f"{names[s]}.stats.json").exists()]
     jobs = [(reader, s * shard_size, min(n, (s + 1) * shard_size), os.fspath(out), names[s]) for s in todo]
@@ -134,7 +134,7 @@ def convert(
     for reason, c in reader.skipped_in_index.items():
         total["skipped"][reason] = total["skipped"].get(reason, 0) + c
     stats = {**plan, **total, "converted_now": len(jobs), "seconds": round(time.perf_counter() - start, 3)}
-    sources._atomic_write(out / "_stats.json", json.dumps(stats, indent=1))
+    write_atomic(out / "_stats.json", json.dumps(stats, indent=1))
     return stats
 
 

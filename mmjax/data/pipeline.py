@@ -90,9 +90,15 @@ class _Interleave:
         return out
 
     def pick(self, k: int) -> tuple[int, int]:
-        before, after = self.counts(k), self.counts(k + 1)
-        i = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
-        return i, before[i]
+        """(component, position in it) of mixed element k: `counts` at k and k + 1 in one pass,
+        the first component whose count moves."""
+        a, b, remaining = k, k + 1, sum(self.p)
+        for i, p in enumerate(self.p):
+            ra, rb = a * (remaining - p) // remaining, b * (remaining - p) // remaining
+            if a - ra != b - rb:
+                return i, a - ra
+            a, b, remaining = ra, rb, remaining - p
+        raise AssertionError("unreachable: some component gives every element")
 
 
 class _Mixed:

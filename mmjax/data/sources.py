@@ -36,7 +36,7 @@ from etils import epath
 
 from mmjax.config import ConfigError
 from mmjax.data import decode
-from mmjax.paths import resolve
+from mmjax.paths import resolve, write_atomic
 
 log = logging.getLogger("mmjax")
 
@@ -51,7 +51,7 @@ def keep(record: dict) -> bool:
 
 
 class _Source:
-    """Decoding, cropping, skipping and counting, over a subclass's `_read(idx) -> (key, image
+    """Decoding, cropping, skipping and counting, over a subclass's `raw(idx) -> (key, image
     bytes, text, metadata)` and `_locate(idx)` (a key for a record that could not be read)."""
 
     def __init__(self, comp, image_size: int, count: int):
@@ -79,7 +79,7 @@ class _Source:
         if not 0 <= idx < self._len:
             raise IndexError(f"record {idx} out of range for {self!r}")
         try:
-            key, data, text, meta = self._read(idx)
+            key, data, text, meta = self.raw(idx)
         except (OSError, ValueError, RuntimeError) as e:
             return self._skip(idx, self._locate(idx), f"unreadable ({type(e).__name__})")
         out = decode.decode(data, self.image_size)
@@ -167,7 +167,7 @@ class ImageFolder(_Source):
     def _locate(self, idx: int) -> str:
         return self.entries[idx][0]
 
-    def _read(self, idx: int):
+    def raw(self, idx: int):
         rel, caption, meta = self.entries[idx]
         return rel, (self.root / rel).read_bytes(), caption, meta
 
@@ -217,7 +217,7 @@ class WebDataset(_Source):
     def _locate(self, idx: int) -> str:
         return str(self.keys[idx])
 
-    def _read(self, idx: int):
+    def raw(self, idx: int):
         shard, image, image_size, txt, txt_size, meta, meta_size = (int(v) for v in self.rows[idx])
         with epath.Path(self.shards[shard]).open("rb") as f:
             data = _read_at(f, image, image_size)
@@ -283,20 +283,13 @@ def _shard_index(shard: epath.Path, cache: epath.Path) -> dict:
     text = json.dumps({**stamp, "members": members})
     for place in places:
         try:
-            _atomic_write(place, text)
+            write_atomic(place, text)
             break
         except OSError:
             continue
     else:
         log.warning("could not cache the index of %s (tried %s)", shard, ", ".join(map(str, places)))
     return members
-
-
-def _atomic_write(path: epath.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_array_record(path, records: Iterable[dict]) -> int:
@@ -371,7 +364,7 @@ class ArrayRecord(_Source):
     def _locate(self, idx: int) -> str:
         return f"record {idx}"
 
-    def _read(self, idx: int):
+    def raw(self, idx: int):
         record = _unpack(self._records[idx])
         return record["key"], record["image"], record["text"], record["meta"]
 
@@ -435,7 +428,7 @@ class Tfds(_Source):
     def _locate(self, idx: int) -> str:
         return f"{self.name}[{idx}]"
 
-    def _read(self, idx: int):
+    def raw(self, idx: int):
         example = dict(self._ds[idx])
         data = example.pop(self.image_key)
         text = str(_str(example.pop(self.text_key))) if self.text_key else ""

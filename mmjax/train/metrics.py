@@ -43,35 +43,14 @@ import tqdm
 from etils import epath
 
 from mmjax.eval import artefacts as artefacts_lib
+from mmjax.paths import is_local, write_atomic
 
 log = logging.getLogger("mmjax")
 
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-# ---- paths -------------------------------------------------------------------------------
-def is_local(path) -> bool:
-    """False for object-store paths (gs://, s3://, ...): no append, no atomic rename."""
-    return "://" not in os.fspath(path)
-
-
-def write_atomic(path, data: bytes | str) -> None:
-    """Writes a whole file: locally via a temporary sibling + replace, remotely in one upload."""
-    path = epath.Path(path)
-    data = data.encode() if isinstance(data, str) else data
-    if not is_local(path):
-        path.write_bytes(data)  # one object upload: readers see the old or the new object
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
+# ---- paths ----------------------------------------------------------------------------------
 def artefact_relpath(step: int, name: str, ext: str) -> str:
     """eval/step_N/<name>.<ext>, one subfolder per '/' in `name`, unsafe characters -> '_'."""
     parts = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in name.split("/")]
