@@ -47,7 +47,10 @@ def _tiny(c):
             view=view, format=fmt, weight=weight, num_records=2048, cache=True
         )
     c.model = dict(
-        vision=dict(patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=128, posemb_size=0),
+        # pixels: the statistics the tower expects (signed | clip | imagenet; an imported tower states its own)
+        vision=dict(
+            patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=128, posemb_size=0, pixels="signed"
+        ),
         # MM1: connector type barely matters (RESULTS.md); average pooling is the cheapest on a CPU
         connector=dict(kind="avg_pool", num_tokens=16),
         llm=dict(
@@ -109,6 +112,10 @@ def _full(c, llm, moe=0):
             act="quick_gelu",
             layer_norm_eps=1e-5,
             posemb_size=0,
+            # OpenAI CLIP-L/14-336 as `mmjax convert hf-import` states it
+            patch_bias=False,
+            posemb_resize="bicubic",
+            pixels="clip",
         ),
         connector=dict(kind="c_abstractor", num_tokens=144),
         llm=dict(**llm, moe=_moe(moe)),

@@ -9,11 +9,12 @@ import pytest
 import torch
 import transformers as tr
 from safetensors.numpy import load_file, save_file
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mmjax.interop import hf, hf_vision
 from mmjax.models.vit import _torch_bicubic_matrix, resize_posemb
 from mmjax import weights
-from tests.conftest import run_mmjax
+from tests.conftest import ROOT, run_mmjax
 
 VISION = dict(
     image_size=32,
@@ -47,11 +48,16 @@ def save_random(model, path):
 
 
 def images(h, w, seed=0):
-    return np.random.default_rng(seed).normal(size=(2, h, w, 3)).astype(np.float32)
+    """NHWC images in [-1, 1], the input of every mmjax tower."""
+    return np.random.default_rng(seed).uniform(-1, 1, size=(2, h, w, 3)).astype(np.float32)
 
 
 def hf_run(model, x, interpolate=False):
-    """(last_hidden_state, pooler_output) of an HF vision model on NHWC images."""
+    """(last_hidden_state, pooler_output) of an HF vision model on NHWC [-1, 1] images, normalised as
+    its family's image processor does (transformers' constants: OpenAI's for CLIP, 0.5 for SigLIP)."""
+    if isinstance(model.config, tr.CLIPVisionConfig):
+        mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
+        x = (((x.astype(np.float64) + 1) / 2 - mean) / std).astype(np.float32)
     with torch.no_grad():
         o = model(
             pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=interpolate
@@ -93,6 +99,7 @@ def test_clip_matches_hf(clip):
     np.testing.assert_allclose(aux['pooled'], pooled, **TOL)
     m = meta['model']
     assert (m['act'], m['final_norm'], m['patch_bias'], m['pool']) == ('quick_gelu', 'pooled', False, 'cls')
+    assert m['pixels'] == 'clip'  # the family's statistics when the folder has no preprocessor_config.json
     assert m['layer_norm_eps'] == 1e-5 and meta['image_size'] == 32
     assert meta['hf_model_type'] == 'clip_vision_model' and meta['hf_config']['hidden_size'] == 32
 
@@ -108,6 +115,7 @@ def test_siglip_matches_hf(siglip):
     np.testing.assert_allclose(aux['pooled'], pooled, **TOL)
     m = meta['model']
     assert (m['act'], m['final_norm'], m['patch_bias'], m['pool']) == ('gelu_tanh', 'all', True, 'map')
+    assert m['pixels'] == 'signed'  # SigLIP normalises with mean = std = 0.5: [-1, 1] as it is
     assert m['layer_norm_eps'] == 1e-6 and meta['hf_model_type'] == 'siglip_vision_model'
 
 
@@ -201,3 +209,87 @@ def test_mismatched_folders_fail_clearly(clip, siglip, tmp_path):
     with pytest.raises(hf.ConversionError, match="'embeddings.class_embedding' is missing"):
         hf.hf_import(as_clip, str(tmp_path / 'out'))
     assert not os.path.exists(tmp_path / 'out')
+
+
+def test_uint8_images_through_the_hf_image_processor_match(clip, tmp_path):
+    """What a user feeds: uint8 pixels. HF: its image processor (rescale, normalise) then the tower;
+    mmjax: x / 127.5 - 1 then the imported tower, whose `pixels` came from preprocessor_config.json."""
+    model, src, _ = clip
+    processor = tr.CLIPImageProcessorPil(do_resize=False, do_center_crop=False)
+    folder = edited_copy(src, tmp_path / 'hf')
+    processor.save_pretrained(folder)
+    hf.hf_import(folder, str(tmp_path / 'mm'))
+    run, meta = load_vit(tmp_path / 'mm')
+    assert meta['model']['pixels'] == 'clip'
+    raw = np.random.default_rng(5).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    pixel_values = processor(images=list(raw), return_tensors='np')['pixel_values']
+    with torch.no_grad():
+        want = model(pixel_values=torch.from_numpy(pixel_values)).last_hidden_state.numpy()
+    np.testing.assert_allclose(run(raw.astype(np.float32) / 127.5 - 1)['tokens'], want, **TOL)
+    unsigned = load_vit(tmp_path / 'mm', pixels='signed')[0](raw.astype(np.float32) / 127.5 - 1)
+    assert np.abs(unsigned['tokens'] - want).max() > 1e-2  # the renormalisation is what makes them agree
+
+
+def test_image_processor_statistics_choose_the_preset_or_fail(clip, tmp_path):
+    _, src, _ = clip
+    for name, processor, want in (
+        ('siglip', tr.SiglipImageProcessorPil(), 'signed'),
+        (
+            'imagenet',
+            tr.CLIPImageProcessorPil(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+            'imagenet',
+        ),
+    ):
+        folder = edited_copy(src, tmp_path / name)
+        processor.save_pretrained(folder)
+        assert hf.hf_import(folder, str(tmp_path / f'{name}_mm'))['model']['pixels'] == want
+    odd = edited_copy(src, tmp_path / 'odd')
+    tr.CLIPImageProcessorPil(image_mean=[0.4, 0.4, 0.4], image_std=[0.2, 0.2, 0.2]).save_pretrained(odd)
+    with pytest.raises(
+        hf.ConversionError, match=r"image_mean=\[0.4, 0.4, 0.4\].*presets signed, clip, imagenet"
+    ):
+        hf.hf_import(odd, str(tmp_path / 'odd_mm'))
+    assert not os.path.exists(tmp_path / 'odd_mm')
+
+
+def test_mm1_takes_an_imported_clip_tower_only_as_the_config_describes_it(tmp_path):
+    """configs/mm1.py:tiny's ViT shapes as a CLIP tower: the recipe names every architecture field
+    (the pixel statistics included) the config gets wrong, and builds once the config states them."""
+    from mmjax import config as config_lib
+    from mmjax.recipes import mm1
+
+    shapes = dict(
+        image_size=32,
+        patch_size=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    save_random(tr.CLIPVisionModel(tr.CLIPVisionConfig(**shapes)), tmp_path / 'hf')
+    meta = hf.hf_import(str(tmp_path / 'hf'), str(tmp_path / 'clip'))
+    cfg = config_lib.load(
+        os.path.join(ROOT, 'configs', 'mm1.py:tiny'), [f'init.vision.path={tmp_path / "clip"}']
+    )
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"init.vision: .* is a ViT with .*pixels='clip'.* but model.vision has .*pixels='signed'",
+    ):
+        mm1.Recipe(cfg)
+    with cfg.unlocked():
+        cfg.model.vision.update(
+            {
+                k: meta['model'][k]
+                for k in (
+                    'pixels',
+                    'class_token',
+                    'pre_norm',
+                    'act',
+                    'layer_norm_eps',
+                    'patch_bias',
+                    'posemb_resize',
+                )
+            }
+        )
+    recipe = mm1.Recipe(cfg)
+    assert recipe.model.vision.pixels == 'clip'

@@ -5,13 +5,15 @@
 
 Weights are read with safetensors only: a folder with just pickle `.bin`/`.pt` weights is
 refused (unpickling runs code from whoever made the file). Each architecture family has a
-converter module with `to_mmjax(hf_config, tensors) -> (params, meta)` and, where export is
+converter module with `to_mmjax(hf_config, tensors[, preprocessor]) -> (params, meta)` (it gets the
+folder's preprocessor_config.json when it takes `preprocessor`) and, where export is
 supported, `to_hf(params, meta) -> (hf_config, tensors)`.
 """
 
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import os
 from types import ModuleType
@@ -76,7 +78,12 @@ def hf_import(src: str, dst: str) -> dict:
         raise ConversionError(
             f"model_type {model_type!r} in {src}/config.json is not supported; supported: {', '.join(sorted(converters))}"
         )
-    params, meta = converters[model_type].to_mmjax(config, tensors)
+    to_mmjax, extra = converters[model_type].to_mmjax, {}
+    preprocessor = os.path.join(os.path.expanduser(src), "preprocessor_config.json")
+    if "preprocessor" in inspect.signature(to_mmjax).parameters and os.path.isfile(preprocessor):
+        with open(preprocessor) as f:  # an image processor's statistics (the vision towers)
+            extra["preprocessor"] = json.load(f)
+    params, meta = to_mmjax(config, tensors, **extra)
     meta = {**meta, "source": os.path.abspath(os.path.expanduser(src))}
     weights.save(dst, params, meta)
     return meta

@@ -29,7 +29,7 @@ import numpy as np
 
 from mmjax import tree
 from mmjax.interop import ConversionError
-from mmjax.models.vit import ViT
+from mmjax.models.vit import PIXELS, ViT
 
 MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 ACTIVATIONS = {
@@ -52,8 +52,28 @@ def vision_config(hf_config: dict) -> dict:
     return json.loads(config.to_json_string(use_diff=False))
 
 
-def vit_kwargs(vc: dict) -> dict:
-    """ViT kwargs that reproduce the HF vision tower described by the vision config `vc`."""
+def pixels(preprocessor: dict | None, clip: bool) -> str:
+    """The ViT `pixels` preset of an HF image processor's image_mean / image_std (without a
+    preprocessor_config.json: the family's own, OpenAI's statistics for CLIP, 0.5 for SigLIP)."""
+    if not preprocessor or "image_mean" not in preprocessor:
+        return "clip" if clip else "signed"
+    if not preprocessor.get("do_normalize", True):
+        raise ConversionError(
+            "preprocessor_config.json has do_normalize=false; mmjax towers take normalised pixels"
+        )
+    stats = np.array([preprocessor["image_mean"], preprocessor.get("image_std", [1.0] * 3)], np.float64)
+    for name, preset in PIXELS.items():
+        if np.allclose(stats, preset if preset else 0.5, atol=1e-4):
+            return name
+    raise ConversionError(
+        f"preprocessor_config.json normalises with image_mean={stats[0].tolist()}, image_std={stats[1].tolist()}; "
+        f"mmjax's ViT knows the presets {', '.join(PIXELS)} (mmjax.models.vit.PIXELS: add this one there)"
+    )
+
+
+def vit_kwargs(vc: dict, preprocessor: dict | None = None) -> dict:
+    """ViT kwargs that reproduce the HF vision tower described by the vision config `vc`, on [-1, 1]
+    images renormalised as its image processor (`preprocessor`) would have normalised them."""
     clip = vc["model_type"] == "clip_vision_model"
     if vc["hidden_act"] not in ACTIVATIONS:
         raise ConversionError(
@@ -65,6 +85,7 @@ def vit_kwargs(vc: dict) -> dict:
         pool = "map" if vc.get("vision_use_head", True) else "none"
     return dict(
         patch_size=vc["patch_size"],
+        pixels=pixels(preprocessor, clip),
         width=vc["hidden_size"],
         depth=vc["num_hidden_layers"],
         num_heads=vc["num_attention_heads"],
@@ -126,9 +147,11 @@ def _mlp(t: _Tensors, name: str) -> dict:
     return {"wi": t.linear(f"{name}.fc1"), "wo": t.linear(f"{name}.fc2")}
 
 
-def to_mmjax(hf_config: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
+def to_mmjax(
+    hf_config: dict, tensors: dict[str, np.ndarray], preprocessor: dict | None = None
+) -> tuple[dict, dict]:
     vc = vision_config(hf_config)
-    model = vit_kwargs(vc)
+    model = vit_kwargs(vc, preprocessor)
     heads, clip = vc["num_attention_heads"], model["class_token"]
     grid = vc["image_size"] // vc["patch_size"]
     t = _Tensors(tensors)

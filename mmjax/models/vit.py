@@ -24,6 +24,25 @@ from mmjax.models.layers import Attention, LayerNorm, Mlp, dense, interpolate_po
 
 Dtype = Any
 
+# Pixel statistics a tower was trained with ([0, 1] units, as HF's image_mean / image_std). Images
+# come in as [-1, 1] (every mmjax tower's and SigLIP's own: mean = std = 0.5); the ViT renormalises
+# them to its tower's statistics, so one batch can feed towers trained differently.
+PIXELS = {
+    'signed': None,
+    'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def renormalise(images: jax.Array, pixels: str) -> jax.Array:
+    """[-1, 1] images -> the `pixels` preset's normalisation ((x01 - mean) / std)."""
+    if pixels not in PIXELS:
+        raise ValueError(f'unknown pixels {pixels!r}; choose one of {", ".join(PIXELS)}')
+    if PIXELS[pixels] is None:
+        return images
+    mean, std = (np.asarray(v, np.float32) for v in PIXELS[pixels])
+    return (images.astype(jnp.float32) + 1.0) * (0.5 / std) - mean / std
+
 
 def _torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] weights of PyTorch's 1-D bicubic resize (align_corners=False, Keys A=-0.75,
@@ -138,7 +157,7 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """images [B, H, W, C] -> (out, aux); aux = {tokens [B, T, D], patches [B, N, D], pooled [B, D],
+    """images [B, H, W, C] in [-1, 1] -> (out, aux); aux = {tokens [B, T, D], patches [B, N, D], pooled [B, D],
     logits [B, classes]}.
 
     tokens is the encoder output (class token first, if any) after encoder_norm where final_norm='all':
@@ -150,6 +169,7 @@ class ViT(nn.Module):
     """
 
     patch_size: int = 16
+    pixels: str = 'signed'  # the tower's input statistics: a PIXELS preset (signed | clip | imagenet)
     width: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -184,6 +204,7 @@ class ViT(nn.Module):
         gh, gw = H // p, W // p
 
         # Patch embedding == stride-p conv; conv kernel [p, p, C, D] reshapes to [p*p*C, D].
+        images = renormalise(images, self.pixels)
         x = einops.rearrange(images.astype(self.dtype), 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)', p1=p, p2=p)
         x = dense(d, ('patch', 'embed'), use_bias=self.patch_bias, name='embedding', **kw)(x)
         if self.posemb == 'learn':

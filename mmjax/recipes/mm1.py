@@ -170,12 +170,17 @@ class Score:
         return scorer(texts, out["index"], self.split, self.seed)
 
 
+def module_kwargs(module) -> dict:
+    """A module's architecture fields (not its dtype, scan or remat), as a weights folder states them."""
+    skip = {"parent", "name", "dtype", "param_dtype", "scan", "remat"}
+    out = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in skip}
+    return {k: (dict(v) if hasattr(v, "items") else v) for k, v in out.items()}
+
+
 def llm_kwargs(llm) -> dict:
     """The LLM module's architecture as the kwargs of an `llm` weights folder (hf-export reads them)."""
-    skip = {"parent", "name", "dtype", "param_dtype", "scan", "remat"}
-    out = {f.name: getattr(llm, f.name) for f in dataclasses.fields(llm) if f.name not in skip}
-    out.update(head_dim=llm.head_size, num_kv_heads=llm.kv_heads)  # resolved, as an import states them
-    return {k: (dict(v) if hasattr(v, "items") else v) for k, v in out.items()}
+    # resolved, as an import states them
+    return {**module_kwargs(llm), "head_dim": llm.head_size, "num_kv_heads": llm.kv_heads}
 
 
 class Recipe(BaseRecipe):
@@ -202,27 +207,33 @@ class Recipe(BaseRecipe):
                 )
 
     def _check_init(self):
-        """An imported LLM must be the architecture the config describes, not only the same shapes."""
-        spec = self.config.init.get("llm")
-        if not spec or not spec.get("path"):
-            return
-        meta = weights.read_meta(spec.path)
-        if meta.get("kind") != "llm":
-            return
-        mine = llm_kwargs(self.model.llm)
-        wrong = {
-            k: (v, mine[k])
-            for k, v in meta["model"].items()
-            if k in mine and k != "vocab_size" and v != mine[k]
-        }
-        if wrong:
-            raise ConfigError(
-                f"init.llm: {spec.path} is an LLM with "
-                + ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
-                + " but model.llm has "
-                + ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
-                + "; set them in model.llm (e.g. --config.model.llm.norm_eps=...)"
-            )
+        """An imported tower must be the architecture the config describes, not only the same shapes
+        (an activation, a norm epsilon or the pixel statistics a CLIP tower expects)."""
+        # the VLM takes the ViT's patch tokens: its pooling and head do not apply
+        vit_skip = {"pool", "final_norm", "num_classes", "head_zero_init", "dropout"}
+        for entry, kind, what, mine, ignore in (
+            ("llm", "llm", "an LLM", llm_kwargs(self.model.llm), {"vocab_size"}),
+            ("vision", "vit", "a ViT", module_kwargs(self.model.vision), vit_skip),
+        ):
+            spec = self.config.init.get(entry)
+            if not spec or not spec.get("path") or spec.get("into", entry) != entry:
+                continue
+            meta = weights.read_meta(spec.path)
+            if meta.get("kind") != kind:
+                continue
+            wrong = {
+                k: (v, mine[k])
+                for k, v in meta["model"].items()
+                if k in mine and k not in ignore and v != mine[k]
+            }
+            if wrong:
+                raise ConfigError(
+                    f"init.{entry}: {spec.path} is {what} with "
+                    + ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
+                    + f" but model.{entry} has "
+                    + ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
+                    + f"; set them in model.{entry} (e.g. --config.model.{entry}.{next(iter(wrong))}=...)"
+                )
 
     # model
     def vit_size(self) -> int:
