@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_sources import four_sources
+
 from mmjax.models.iomm import mask_image_tokens
 from mmjax.models.rqa import RQA
 
@@ -133,42 +135,6 @@ def _files(path):
     }
 
 
-def _four_sources(root):
-    """A small real data set of each kind, each with one corrupt image: an image folder, a
-    WebDataset shard, an ArrayRecord file and a TFDS data set prepared on disk."""
-    from test_sources import TRUNCATED, MmjaxTestTiny, encode, sample, write_shard
-
-    from mmjax.data import sources
-
-    rng = np.random.default_rng(0)
-    colors = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(8)]
-    (root / "folder").mkdir()
-    for i, c in enumerate(colors):
-        (root / "folder" / f"{i}.png").write_bytes(encode(c))
-    (root / "folder" / "bad.jpg").write_bytes(TRUNCATED)
-    (root / "wds").mkdir()
-    write_shard(
-        root / "wds" / "00000.tar",
-        [sample(f"{i:09d}", c, "jpg", f"image {i}") for i, c in enumerate(colors)]
-        + [sample("000000099", None, "jpg", "bad", image=TRUNCATED)],
-    )
-    sources.write_array_record(
-        root / "images.array_record", [{"image": encode(c)} for c in colors] + [{"image": TRUNCATED}]
-    )
-    builder = MmjaxTestTiny(data_dir=str(root / "tfds"), file_format="array_record")
-    builder.download_and_prepare()
-    paths = {
-        "folder": ("image_folder", root / "folder"),
-        "wds": ("webdataset", root / "wds"),
-        "records": ("array_record", root / "images.array_record"),
-        "tfds": ("tfds", builder.data_dir),
-    }
-    return {
-        n: dict(source=s, path=str(p), format="image", view="image", weight=1.0)
-        for n, (s, p) in paths.items()
-    }
-
-
 def test_frozen_mllm_trains_the_adapter_on_all_four_real_sources_and_stays_out_of_checkpoints(
     mllm_export, tmp_path
 ):
@@ -191,7 +157,10 @@ def test_frozen_mllm_trains_the_adapter_on_all_four_real_sources_and_stays_out_o
         "data.max_skip_rate=0.5",
     )
     with cfg.unlocked():
-        cfg.data.components = {n: config_lib.component(**c) for n, c in _four_sources(tmp_path).items()}
+        cfg.data.components = {
+            n: config_lib.component(**c, format="image", view="image")
+            for n, c in four_sources(tmp_path).items()
+        }
     workdir = str(tmp_path / "run")
     trainer_lib.train(cfg, workdir)
     rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl") if '"loss"' in line]

@@ -247,3 +247,40 @@ def test_every_epoch_draws_new_augmentations(tiny_config, monkeypatch):
     batches = list(itertools.islice(_stream(cfg, fn=lambda r: {"index": r["index"], "epoch": r["epoch"]}), 6))
     epochs = np.concatenate([b["epoch"] for b in batches]).reshape(3, 16)
     assert (epochs == np.arange(3)[:, None]).all()
+
+
+def test_trainer_resumes_with_new_weights_and_more_steps(tiny_config, tmp_path):
+    """Through the trainer's checkpoints: a run of 4 steps at 1:1, resumed with weights 3:1 and
+    train.steps=8, logs steps 1-4 as they were, and its saved stream is the one the data layer
+    gives for the same change (components where they stopped, the new shares from there)."""
+    import json
+
+    from mmjax.recipes import vit_shapes
+    from mmjax.train import checkpoint as ckpt_lib, trainer as trainer_lib
+
+    args = ("data.global_batch_size=8", "train.log_every=1", "train.save_every=4", "evals={}")
+    first, later = (_two(tiny_config, *args, f"train.steps={n}", paired=w) for n, w in ((4, 1.0), (8, 3.0)))
+    workdir = str(tmp_path / "run")
+    trainer_lib.train(first, workdir)
+    before = {r["step"]: r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r}
+    trainer_lib.train(later, workdir)
+    rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert {r["step"]: r["loss"] for r in rows[:4]} == before
+    saved = json.loads(ckpt_lib.Checkpointer(workdir, keep=2)._data_state(8))
+
+    preprocess = vit_shapes.Recipe(first).preprocess
+    a = pipeline.train_dataset(first, preprocess)
+    for _ in range(4):
+        next(a)
+    b = pipeline.train_dataset(later, preprocess)
+    b.set_state(a.get_state())
+    for _ in range(4):
+        next(b)
+    want = json.loads(b.get_state())
+    assert saved == want
+    (shard,) = saved["shards"].values()
+    assert shard["weights"] == {"paired": 3.0, "shapes": 1.0} and shard["start"] == {
+        "paired": 16,
+        "shapes": 16,
+    }

@@ -2,6 +2,7 @@
 with and without captions.jsonl, img2dataset tar shards, an ArrayRecord file, a TFDS data set."""
 
 import io
+import itertools
 import json
 import os
 import pickle
@@ -411,3 +412,42 @@ def test_grain_workers_apply_the_pixel_limit_and_drop_skips(tmp_path):
     ds = grain.MapDataset.source(src).filter(sources.keep).to_iter_dataset()
     it = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=1, per_worker_buffer_size=2))
     assert [r["key"] for r in it] == ["0.png", "1.png", "3.png"]  # 2.png: a bomb by the worker's limit
+
+
+def four_sources(root) -> dict:
+    """Component configs of a small captioned data set of each kind, each with one corrupt image
+    (what training on real data must skip and count): an image folder with captions.jsonl, a
+    WebDataset shard, an ArrayRecord file and a TFDS data set prepared on disk."""
+    rng = np.random.default_rng(0)
+    colors = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(8)]
+    captions = [
+        f"a {c} {s}" for c, s in itertools.product(("red", "blue"), ("circle", "square", "triangle", "star"))
+    ]
+    (root / "folder").mkdir()
+    for i, c in enumerate(colors):
+        (root / "folder" / f"{i}.png").write_bytes(encode(c))
+    (root / "folder" / "bad.jpg").write_bytes(TRUNCATED)
+    lines = [{"image": f"{i}.png", "caption": t} for i, t in enumerate(captions)] + [
+        {"image": "bad.jpg", "caption": "x"}
+    ]
+    (root / "folder" / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "wds").mkdir()
+    write_shard(
+        root / "wds" / "00000.tar",
+        [sample(f"{i:09d}", c, "jpg", t) for i, (c, t) in enumerate(zip(colors, captions))]
+        + [sample("000000099", None, "jpg", "bad", image=TRUNCATED)],
+    )
+    sources.write_array_record(
+        root / "images.array_record",
+        [{"image": encode(c), "text": t} for c, t in zip(colors, captions)]
+        + [{"image": TRUNCATED, "text": "x"}],
+    )
+    builder = MmjaxTestTiny(data_dir=str(root / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    paths = {
+        "folder": ("image_folder", root / "folder"),
+        "wds": ("webdataset", root / "wds"),
+        "records": ("array_record", root / "images.array_record"),
+        "tfds": ("tfds", builder.data_dir),
+    }
+    return {n: dict(source=s, path=str(p), weight=1.0) for n, (s, p) in paths.items()}

@@ -216,8 +216,12 @@ class _Shard:
         return False
 
     def batch(self, num_workers: int, advance: bool = True) -> dict:
-        if not advance:
-            return next(iter(self.rows(0).batch(self.stream.local, drop_remainder=True)))
+        if not advance:  # a look ahead: it counts nothing either
+            counts = json.dumps(self.state)
+            try:
+                return next(iter(self.rows(0).batch(self.stream.local, drop_remainder=True)))
+            finally:
+                self.state = json.loads(counts)
         if self._it is None:
             self._it = iter(self.rows(num_workers).batch(self.stream.local, drop_remainder=True))
         batch = next(self._it)
