@@ -44,7 +44,7 @@ def _tiny(c):
         ("text", "text", "text", 10.0),
     ):
         c.data.components[name] = C.component(
-            view=view, format=fmt, weight=weight, num_records=2048, cache=True
+            view=view, format=fmt, weight=weight, num_records=2048, cache=True, max_text_tokens=0
         )
     c.model = dict(
         # pixels: the statistics the tower expects (signed | clip | imagenet; an imported tower states its own)
@@ -95,10 +95,12 @@ def _sft(c, path="workdirs/mm1/export"):
 
 def _full(c, llm, moe=0):
     c.data.image_size = 336
+    # max_text_tokens: each caption / text cut at this many tokens (0: none); an example that still
+    # does not fit a row is skipped and counted
     c.data.components = dict(
-        caption=C.component(view="caption", format="caption", weight=45.0),
-        interleaved=C.component(view="interleaved", format="interleaved", weight=45.0),
-        text=C.component(view="text", format="text", weight=10.0),
+        caption=C.component(view="caption", format="caption", weight=45.0, max_text_tokens=0),
+        interleaved=C.component(view="interleaved", format="interleaved", weight=45.0, max_text_tokens=0),
+        text=C.component(view="text", format="text", weight=10.0, max_text_tokens=0),
     )
     c.model = dict(
         vision=dict(

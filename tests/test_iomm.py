@@ -116,6 +116,16 @@ def test_bad_inputs_fail_before_compiling(mllm_export, tmp_path):
     params = None  # every check runs before the model is touched
     with pytest.raises(ConfigError, match="model.cond_len=32"):
         recipe.sample(params, [{"text": "a red circle and a blue square " * 6}], 1, ctx)
+    # ... while a training caption that long is cut to fit (a web caption never ends a run)
+    from mmjax.recipes import iomm
+
+    example = iomm.Preprocess(recipe.conds, "caption")(
+        {"index": 0, "image": np.zeros((32, 32, 3), np.uint8), "text": "a red circle and a blue square " * 6}
+    )
+    assert example["mask"].all() and example["tokens"].shape == (32,)
+    assert recipe.tokenizer.decode(example["tokens"][1:], skip_special_tokens=True).startswith(
+        "a red circle and"
+    )
     with pytest.raises(ConfigError, match="64x64 px; this model makes 32x32"):
         recipe.sample(params, [{"text": "make it red", "image": np.zeros((64, 64, 3), np.uint8)}], 1, ctx)
     with pytest.raises(ConfigError, match="needs a reference image"):

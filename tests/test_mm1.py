@@ -333,3 +333,46 @@ def test_trains_on_each_real_captioned_source(source, tmp_path):
     rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl") if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2] and np.isfinite(rows[-1][f"loss/{source}"])
     assert rows[-1]["data/skipped"] > 0 and 0 < rows[-1]["data/skip_rate"] < 0.5
+
+
+def test_long_texts_are_cut_or_skipped_and_counted_never_raised(tiny, monkeypatch):
+    cfg, recipe, _ = tiny
+    from mmjax.recipes import mm1
+
+    rec = {
+        "index": np.int64(3),
+        "image": np.zeros((32, 32, 3), np.uint8),
+        "text": " ".join(["a red circle"] * 60),
+    }
+    assert len(recipe.tokenizer.encode(rec["text"])) > 128
+    skipped = mm1.Preprocess(recipe.fmt, "caption", 0, 128, 4)(rec)
+    assert skipped == {"index": 3, "_skip": "more tokens than model.seq_len"}
+    cut = mm1.Preprocess(recipe.fmt, "caption", 0, 128, 4, max_text_tokens=20)(rec)
+    assert "_skip" not in cut and cut["loss_mask"].sum() == 20 + 1  # the first 20 caption tokens and EOS
+    assert (
+        mm1.Preprocess(recipe.fmt, "interleaved", 0, 128, 1)(
+            {"index": 1, "images": np.zeros((2, 32, 32, 3), np.uint8), "texts": ["a", "b"]}
+        )["_skip"]
+        == "more images than model.image_slots"
+    )
+
+    # through the stream: every 5th caption is too long; the rows go on and the stream counts them
+    class Long:
+        def __init__(self, comp, image_size):
+            self.src = pipeline.make_source(config_lib.component(view="caption", num_records=64), image_size)
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitem__(self, i):
+            r = self.src[i]
+            return {**r, "text": rec["text"]} if i % 5 == 0 else r
+
+    monkeypatch.setitem(pipeline.SOURCES, "long", Long)
+    c = load("tiny", "data.global_batch_size=8", "data.max_skip_rate=0.5")
+    with c.unlocked():
+        c.data.components = {"caption": config_lib.component(source="long", view="caption", format="caption")}
+    stream = pipeline.train_dataset(c, recipes.get(c).preprocess, recipes.get(c).packing())
+    for _ in range(3):
+        assert next(stream)["tokens"].shape == (8, 128)
+    assert stream.shards[0].state["skipped"]["more tokens than model.seq_len"] > 0

@@ -57,10 +57,15 @@ class Conditions:
         self.image_id = tokenizer.convert_tokens_to_ids(tok_lib.IMAGE)
 
     def row(
-        self, text: str = "", image: bool = False, what: str = "the condition"
+        self, text: str = "", image: bool = False, what: str = "the condition", truncate: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        ids = [self.bos] + (self.tok.encode(text, add_special_tokens=False) if text else [])
-        ids += [self.image_id] * (self.num_tokens if image else 0)
+        """(tokens, mask) of [BOS, text, image tokens]; `truncate`: the text is cut to fit (training
+        captions, as CLIP / T5 conditioning cuts at its length), else a text too long is an error."""
+        text_ids = self.tok.encode(text, add_special_tokens=False) if text else []
+        images = [self.image_id] * (self.num_tokens if image else 0)
+        if truncate:
+            text_ids = text_ids[: max(self.cond_len - 1 - len(images), 0)]
+        ids = [self.bos] + text_ids + images
         if len(ids) > self.cond_len:
             raise ConfigError(
                 f"{what} {text!r} needs {len(ids)} tokens but model.cond_len={self.cond_len}; "
@@ -83,7 +88,7 @@ class Preprocess:
         if self.kind == "image":
             tokens, mask = self.conds.image_only()
         else:
-            tokens, mask = self.conds.row(record["text"], what="the caption")
+            tokens, mask = self.conds.row(record["text"], what="the caption", truncate=True)
         out = {"tokens": tokens, "mask": mask, "ref": image[None], "image": image}
         return {**out, "index": np.int32(record["index"])} if "index" in record else out
 

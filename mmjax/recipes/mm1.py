@@ -70,8 +70,10 @@ class Formatter:
             tokenizer.convert_tokens_to_ids(tok_lib.IMAGE),
         )
 
-    def text(self, s: str, train: bool):
+    def text(self, s: str, train: bool, limit: int = 0):
+        """A text's ids (the first `limit` when limit > 0) and train flags."""
         ids = self.tok.encode(s, add_special_tokens=False)
+        ids = ids[:limit] if limit > 0 else ids
         return ids, [train] * len(ids)
 
     def image(self):
@@ -114,13 +116,22 @@ def conversation(record: dict, turns: int) -> list[tuple[str, str]]:
 
 
 class Preprocess:
-    """One component's record -> an example ready for packing."""
+    """One component's record -> an example ready for packing. Captions and documents are cut at
+    `max_text_tokens` per text (> 0; answers never are); an example that still does not fit a row
+    comes back as a skip, which the stream drops and counts (a long web caption never ends a run)."""
 
     def __init__(
-        self, fmt: Formatter, kind: str, component: int, seq_len: int, image_slots: int, turns: int = 1
+        self,
+        fmt: Formatter,
+        kind: str,
+        component: int,
+        seq_len: int,
+        image_slots: int,
+        turns: int = 1,
+        max_text_tokens: int = 0,
     ):
         self.f, self.kind, self.component, self.turns = fmt, kind, component, turns
-        self.seq_len, self.image_slots = seq_len, image_slots
+        self.seq_len, self.image_slots, self.limit = seq_len, image_slots, max_text_tokens
 
     def __call__(self, record: dict) -> dict:
         f, images = self.f, []
@@ -129,24 +140,23 @@ class Preprocess:
         elif self.kind == "interleaved":
             images = list(record["images"])
         if self.kind == "caption":
-            pieces = [f.image(), f.text(record["text"], True)]
+            pieces = [f.image(), f.text(record["text"], True, self.limit)]
         elif self.kind == "synthetic":
             pieces = [f.image(), f.text(dense_caption(record), True)]
         elif self.kind == "interleaved":
-            pieces = [p for text in record["texts"] for p in (f.image(), f.text(text, True))]
+            pieces = [p for text in record["texts"] for p in (f.image(), f.text(text, True, self.limit))]
         elif self.kind == "text":
-            pieces = [f.text(record["text"], True)]
+            pieces = [f.text(record["text"], True, self.limit)]
         else:  # qa: a conversation about the image, the loss on the answers only
             pieces = [f.image()]
             for q, a in conversation(record, self.turns):  # each answer ends its turn with EOS
                 pieces += [f.text(qa_prompt(q), False), f.text(a, True), ([f.eos], [True])]
         ids, flags = f.join(pieces, eos=self.kind != "qa")
         n, pics = len(ids) - 1, f.pictures(images)
-        if n > self.seq_len or len(pics) > self.image_slots:
-            raise ValueError(
-                f"a {self.kind} example needs {n} tokens and {len(images)} images but rows hold "
-                f"model.seq_len={self.seq_len} and model.image_slots={self.image_slots}; raise them"
-            )
+        if n > self.seq_len:
+            return {"index": record["index"], "_skip": "more tokens than model.seq_len"}
+        if len(pics) > self.image_slots:
+            return {"index": record["index"], "_skip": "more images than model.image_slots"}
         return {
             "tokens": ids[:-1],
             "targets": ids[1:],
@@ -260,7 +270,15 @@ class Recipe(BaseRecipe):
         comp = self.config.data.components[component]
         mc = self.config.model
         index = self.names.index(component)
-        return Preprocess(self.fmt, comp.format, index, mc.seq_len, mc.image_slots, comp.get("turns", 1))
+        return Preprocess(
+            self.fmt,
+            comp.format,
+            index,
+            mc.seq_len,
+            mc.image_slots,
+            comp.get("turns", 1),
+            comp.get("max_text_tokens", 0),
+        )
 
     def loss(self, params, batch, ctx):
         seg = batch["tokens_segment_ids"]
