@@ -78,8 +78,14 @@ def _adafactor(cfg, lr, mask):
 OPTIMIZERS = {"adamw": _adamw, "lamb": _lamb, "adafactor": _adafactor}  # optim.name -> builder
 
 
+def decays(path, p) -> bool:
+    """Weight decay on matrices only: not on norms, biases (of any rank), scalars like a logit scale."""
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return p.ndim > 1 and name.rsplit("/", 1)[-1] not in ("bias", "scale")
+
+
 def _base(cfg, lr) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # no decay on norms/biases
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(decays, params)  # noqa: E731
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.name!r}; choose {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.name](cfg, lr, decay_mask)

@@ -1,0 +1,166 @@
+"""MM-GEM: [EMB] embeddings, both objectives in one step, the logit scale's clamp, LAMB's decay
+mask, stage 2 changing only its own parameters, the same losses on 8 devices as on 1, and the
+full scale compiling abstractly."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import read_metrics, run_mmjax
+
+from mmjax import config as config_lib, recipes, tree, weights
+from mmjax.config import ConfigError
+from mmjax.data import pipeline
+from mmjax.models import mmgem
+from mmjax.train import optim, stages, trainer as trainer_lib
+
+CONFIG = "configs/mmgem.py"
+
+
+def load(variant="tiny_stage1", *overrides):
+    return config_lib.load(f"{CONFIG}:{variant}", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load()
+    recipe = recipes.get(cfg)
+    params = nn.unbox(jax.jit(recipe.init)(jax.random.key(0)))["params"]
+    return cfg, recipe, params
+
+
+def test_emb_embedding_is_read_at_each_rows_own_emb_token_with_either_padding(tiny):
+    cfg, recipe, params = tiny
+    pre = recipe.preprocess("pairs")
+    texts = ["a red circle", "two small blue squares above a large green triangle", "a cyan square"]
+    right = np.stack([pre.text(t)["emb_tokens"] for t in texts])
+    mask_r = np.stack([pre.text(t)["emb_mask"] for t in texts])
+    n = mask_r.sum(1)
+    left = np.stack([np.roll(r, len(r) - k) for r, k in zip(right, n)])  # the same tokens, padding first
+    mask_l = np.stack([np.roll(m, len(m) - k) for m, k in zip(mask_r, n)])
+    assert (left[:, -1] == recipe.emb_id).all() and not mask_l[:, 0].all()
+    embed = jax.jit(
+        lambda p, t, m: recipe.model.apply({"params": p}, t, m, method=mmgem.MMGEM.text_embedding)
+    )
+    a, b = np.asarray(embed(params, right, mask_r)), np.asarray(embed(params, left, mask_l))
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    # the hidden state at [EMB], not at the last position: moving [EMB] earlier changes the result
+    cut = right.copy()
+    cut[0, n[0] - 1], cut[0, n[0] - 2] = cut[0, n[0] - 2], recipe.emb_id
+    c = np.asarray(embed(params, cut, mask_r))
+    assert np.abs(c[0] - a[0]).max() > 1e-3 and np.allclose(c[1:], a[1:], atol=1e-6)
+    assert len({tuple(np.round(x, 4)) for x in a}) == 3  # distinct texts, distinct embeddings
+
+
+def test_one_step_takes_both_objectives_and_the_scale_stays_clamped(tiny):
+    cfg, recipe, params = tiny
+    batch = pipeline.first_batch(pipeline.train_dataset(cfg, recipe.preprocess, None))
+    ctx = None
+    (total, metrics), grads = jax.jit(jax.value_and_grad(lambda p: recipe.loss(p, batch, ctx), has_aux=True))(
+        params
+    )
+    emb, gen = float(metrics["emb_loss"]), float(metrics["gen_loss"].value())
+    assert np.isclose(float(total), emb + gen, rtol=1e-6)  # L = L_emb + L_gen, unweighted
+    assert np.isclose(emb, np.log(cfg.data.global_batch_size), rtol=0.2)  # fresh: near log B
+    assert np.isclose(float(metrics["logit_scale"]), 1 / 0.07, rtol=1e-5)
+    flat = tree.flat(grads)
+    for name in ("h1/kernel", "h2/kernel", "h3/kernel", "logit_scale", "vision/embedding/kernel"):
+        assert np.abs(np.asarray(flat[name])).max() > 0, name  # both paths reach their parameters
+    assert not np.asarray(flat["h4/kernel"]).any()  # h4 is stage 2's
+    big = {**params, "logit_scale": jnp.float32(9.0)}
+    assert float(recipe.constrain(big, ctx)["logit_scale"]) == pytest.approx(np.log(100))
+    assert float(recipe.constrain(params, ctx)["logit_scale"]) == pytest.approx(np.log(1 / 0.07))
+
+
+def test_lamb_groups_and_decay_mask():
+    """Backbones at 0.1x the projections' rate (full scale: 5e-5 against 5e-4); no weight decay on
+    norms, biases or the logit scale; h4 frozen in stage 1 (no optimizer state)."""
+    cfg = load("l14_stage1")
+    assert cfg.optim.name == "lamb" and cfg.optim.lr == 5e-4 and cfg.optim.weight_decay == 0.05
+    t = trainer_lib.Trainer(load(), "")
+    assert not any(n.startswith("h4/") for n in t.opt.trainable)
+    groups = t.opt.groups
+    assert {groups[n] for n in groups if n.startswith(("h1/", "h2/", "h3/"))} == {"default"}
+    names = tree.flat(t.abstract_params)
+    opt = optim.build(cfg.optim, names, 10)  # the full scale's groups on the tiny tree
+    assert {opt.groups[n] for n in names if n.startswith(("vision/", "llm/"))} == {"group_0"}
+    assert {g for n, g in opt.groups.items() if not n.startswith(("vision/", "llm/"))} == {"default"}
+    params = {n: jnp.ones(a.shape, a.dtype) for n, a in names.items() if n in opt.trainable}
+    state = opt.tx.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    _, state = opt.tx.update(zero, state, params)  # step 0: the warm-up's learning rate is 0
+    updates, _ = opt.tx.update(zero, state, params)  # zero gradients: only weight decay moves a parameter
+    decayed = {n for n, u in updates.items() if np.abs(np.asarray(u)).max() > 0}
+    assert "logit_scale" not in decayed and not any(n.endswith(("bias", "scale")) for n in decayed)
+    assert {"h1/kernel", "h3/kernel", "llm/embedder/embedding"} <= decayed
+
+
+def test_bad_configs_fail_before_compilation():
+    with pytest.raises(ConfigError, match="grad_accum"):
+        recipes.get(load("tiny_stage1", "train.grad_accum=2"))
+    with pytest.raises(ConfigError, match="tasks"):
+        recipes.get(load("tiny_stage1", "tasks=('embed', 'captions')"))
+    with pytest.raises(ConfigError, match="soft_prompts"):
+        recipes.get(load("tiny", "region_caption.model.soft_prompts=0").region_caption)
+    with pytest.raises(ConfigError, match="evals.retrieval.task"):
+        recipes.get(load("tiny_stage1", "evals.retrieval.task=retreival"))
+
+
+def test_stage2_changes_only_its_own_parameters(tmp_path):
+    """The pipeline: stage 1, region captioning (only h3 and the soft prompts move), region
+    retrieval (only h4 moves); each stage's export against the one before."""
+    short = []
+    for stage in ("stage1", "region_caption", "region_retrieval"):
+        short += [f"{stage}.train.steps=3", f"{stage}.train.log_every=1", f"{stage}.evals={{}}"]
+    cfg = load("tiny", *short)
+    stages.train(cfg, str(tmp_path))
+    last, workdir = stages.last(cfg, str(tmp_path))  # the last stage exports only when asked
+    trainer_lib.Trainer(last, workdir).export(str(tmp_path / "region_retrieval" / "export"))
+    read = lambda s: tree.flat(weights.load(str(tmp_path / s / "export"))[0])  # noqa: E731
+    s1, s2a, s2b = read("stage1"), read("region_caption"), read("region_retrieval")
+    moved = lambda a, b: {n for n in b if n not in a or not np.array_equal(a[n], b[n])}  # noqa: E731
+    assert moved(s1, s2a) == {"h3/kernel", "h3/bias", "soft_prompts"}
+    assert moved(s2a, s2b) == {"h4/kernel", "h4/bias"}
+    np.testing.assert_array_equal(s1["h4/kernel"], np.eye(s1["h4/kernel"].shape[0]))  # stage 1: identity
+    for stage in ("region_caption", "region_retrieval"):
+        rows = read_metrics(tmp_path / stage)
+        key = "gen_loss" if stage == "region_caption" else "emb_loss"
+        assert all(np.isfinite(r[key]) for r in rows.values())
+    assert json.loads((tmp_path / "region_retrieval" / "stage.json").read_text())
+
+
+def test_train_logs_the_same_losses_on_8_devices_as_on_1(tmp_path):
+    args = [
+        "train",
+        "--config",
+        f"{CONFIG}:tiny_stage1",
+        "--config.train.steps=4",
+        "--config.train.log_every=1",
+    ]
+    args += ["--config.evals={}", "--config.train.save_every=4"]
+    runs = {}
+    for devices in (1, 8):
+        run_mmjax(*args, "--workdir", str(tmp_path / str(devices)), devices=devices)
+        runs[devices] = read_metrics(tmp_path / str(devices))
+    for step in range(1, 5):
+        for key in ("loss", "emb_loss", "gen_loss", "grad_norm"):
+            assert runs[8][step][key] == pytest.approx(runs[1][step][key], rel=2e-4, abs=1e-5), (step, key)
+    assert runs[1][4]["loss"] < runs[1][1]["loss"]
+
+
+def test_full_scale_compiles_abstractly_on_fake_devices():
+    """ViT-L/14 + a TinyLlama-shaped LLM, global batch 81,920 over 8 fake devices (data x fsdp)."""
+    from mmjax import cli
+
+    cfg = load("l14_stage1", "mesh.fsdp=8")
+    t = trainer_lib.Trainer(cfg, "")
+    vision = sum(a.size for n, a in tree.flat(t.abstract_params).items() if n.startswith("vision/"))
+    assert 300e6 < vision < 310e6 and 0.9e9 < t.num_params - vision < 1.2e9
+    assert cfg.data.global_batch_size == 81_920 and cfg.model.text_len == 50
+    info = cli.check(cfg)
+    assert info["argument_bytes"] > 0 and info["mesh"]["fsdp"] == 8
+    assert os.environ["XLA_FLAGS"]
