@@ -200,7 +200,7 @@ class Recipe(BaseRecipe):
         )
         return ids
 
-    def _decode(self, ids) -> list[str]:
+    def to_texts(self, ids) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True)]
 
     def evaluators(self):
@@ -237,7 +237,7 @@ class Recipe(BaseRecipe):
         keep = retrieval.unique_rows(o["ids"])[:queries]
         same = retrieval.same_rows(o["ids"])
         sim = retrieval.normalise(o["t"][keep]) @ retrieval.normalise(o["v"]).T
-        texts = self._decode(o["ids"][keep])
+        texts = self.to_texts(o["ids"][keep])
         tiles, captions = [], []
         for q, row in enumerate(np.argsort(-sim, axis=1)[:, :top]):
             for r, j in enumerate(row):
@@ -268,10 +268,10 @@ class Recipe(BaseRecipe):
             return {"ids": ids, "truth": batch["cap_targets"], "index": batch["index"]}
 
         def finalize(o):
-            texts = self._decode(o["ids"])
+            texts = self.to_texts(o["ids"])
             keys = range(len(texts))
             if region:  # one reference: the region's caption
-                refs = {k: [plain(t)] for k, t in zip(keys, self._decode(o["truth"]))}
+                refs = {k: [plain(t)] for k, t in zip(keys, self.to_texts(o["truth"]))}
                 scores = {"exact": float(np.mean([plain(t) == refs[k][0] for k, t in zip(keys, texts)]))}
             else:  # five template captions of the scene
                 scenes = [shapes.scene(spec.split, int(i), self.config.seed) for i in o["index"]]
@@ -298,7 +298,7 @@ class Recipe(BaseRecipe):
             if image is None or np.asarray(image).shape[:2] != (size, size):
                 raise ConfigError(f"MM-GEM captions an image: give --image REF.png of {size}x{size} px")
             ids = self.caption(params, np.asarray(image, np.uint8)[None])
-            rows.append([{"text": self._decode(ids)[0]}] * num_samples)
+            rows.append([{"text": self.to_texts(ids)[0]}] * num_samples)
         return rows
 
     def exports(self):
