@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import read_metrics, run_mmjax
 
-from mmjax import config as config_lib, recipes, tree
+from mmjax import config as config_lib, recipes, tree, weights
 from mmjax.config import ConfigError
 from mmjax.data import pipeline
 from mmjax.models import mmgem
@@ -166,3 +166,28 @@ def test_evaluators_finalize_perfect_embeddings_to_perfect_scores(tiny):
     out = finalize({"v": emb, "t": emb, "ids": ids, "images": np.zeros((4, 32, 32, 3), np.uint8)})
     assert all(out[f"{d}_R@1"] == 1.0 for d in ("i2t", "t2i"))
     assert len(out["examples"].images) == 3 * 4 and out["examples"].captions[0].endswith("#1 yes")
+
+
+def test_an_imported_hf_llm_gets_emb_and_cap_by_a_vocabulary_resize(tmp_path):
+    """A tiny HF Llama with its own tokenizer (no [EMB] / [CAP]): the recipe adds both, the imported
+    table grows by two rows on load (the old rows kept), and a step's loss is finite."""
+    from test_hf_example import _hf_llama
+
+    from mmjax.interop import hf
+
+    hf_dir, ckpt = tmp_path / "llama", tmp_path / "llm"
+    vocab = _hf_llama(hf_dir)
+    hf.hf_import(str(hf_dir), str(ckpt))
+    cfg = load(
+        "tiny_stage1", f"model.tokenizer={hf_dir}", f"init.llm.path={ckpt}", "data.global_batch_size=8"
+    )
+    t = trainer_lib.Trainer(cfg, str(tmp_path / "run"))
+    assert (t.recipe.emb_id, t.recipe.cap_id) == (vocab, vocab + 1)
+    state = t.init_state()
+    table = np.asarray(tree.flat(state.params)["llm/embedder/embedding"])
+    stored = tree.flat(weights.load(str(ckpt))[0])["embedder/embedding"]
+    assert table.shape[0] == vocab + 2 and np.array_equal(table[:vocab], stored)
+    batch = pipeline.first_batch(pipeline.train_dataset(cfg, t.recipe.preprocess, None))
+    assert (batch["emb_tokens"] == vocab).sum(1).tolist() == [1] * 8  # one [EMB] per row
+    loss, _ = jax.jit(t.recipe.loss)(state.params, batch, None)
+    assert np.isfinite(float(loss))

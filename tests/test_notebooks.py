@@ -11,49 +11,56 @@ from conftest import ROOT, run_mmjax, xla_flags
 from mmjax import tree, weights
 from mmjax.eval import shapes_eval
 
-# configs/mm1.py as the notebook's MMJAX_CONFIGS folder (the one a Colab copy points at), with less to
-# render: 256 records per training component instead of 2048-4096 (each is rendered and cached when
-# its stage starts) and one batch per evaluator (the notebook's last cell reads one).
-SMALL_MM1 = """
+# A recipe's config file as the notebook's MMJAX_CONFIGS folder (the one a Colab copy points at), with
+# less to render: 256 records per training component instead of 2048-4096 (each is rendered and cached
+# when its stage starts) and one batch per evaluator (the notebook's last cells read one).
+SMALL = """
 import importlib.util
 
-_spec = importlib.util.spec_from_file_location("_mm1_configs", {path!r})
-_mm1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mm1)
-VARIANTS = _mm1.VARIANTS
+_spec = importlib.util.spec_from_file_location("_base_configs", {path!r})
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+VARIANTS = _base.VARIANTS
 
 
 def get_config(arg=None):
-    c = _mm1.get_config(arg)
-    for comp in c.data.components.values():
-        comp.num_records = 256
-    for ev in c.evals.values():
-        ev.num_examples = ev.batch_size
+    c = _base.get_config(arg)
+    for stage in [c[s] for s in c.stages] if "stages" in c else [c]:
+        for comp in stage.data.components.values():
+            comp.num_records = 256
+        for ev in stage.evals.values():
+            ev.num_examples = ev.batch_size
     return c
 """
 
 
-def test_mm1_notebook_runs(tmp_path):
-    with open(os.path.join(ROOT, "notebooks", "mm1.ipynb")) as f:
+def run_notebook(name: str, tmp_path, env: dict, small: bool = False, timeout: int = 900) -> str:
+    """notebooks/NAME.ipynb's code cells in order in a fresh process (as Colab's Run all); its stdout.
+    `small`: configs/NAME.py through SMALL."""
+    with open(os.path.join(ROOT, "notebooks", f"{name}.ipynb")) as f:
         cells = json.load(f)["cells"]
-    code = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    script = tmp_path / "mm1_notebook.py"
-    script.write_text(code)
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "mm1.py").write_text(SMALL_MM1.format(path=os.path.join(ROOT, "configs", "mm1.py")))
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags(1),
-        "MMJAX_NOTEBOOK_STEPS": "10",
-        "MMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work"),
-        "MMJAX_CONFIGS": str(configs),
-    }
+    script = tmp_path / f"{name}_notebook.py"
+    script.write_text("\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+    extra = {"XLA_FLAGS": xla_flags(1), "MMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work")}
+    if small:
+        configs = tmp_path / "configs"
+        configs.mkdir()
+        (configs / f"{name}.py").write_text(SMALL.format(path=os.path.join(ROOT, "configs", f"{name}.py")))
+        extra["MMJAX_CONFIGS"] = str(configs)
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, **extra, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_mm1_notebook_runs(tmp_path):
+    out = run_notebook("mm1", tmp_path, {"MMJAX_NOTEBOOK_STEPS": "10"}, small=True)
     assert "captioning, 0-shot:" in out and "vqa_0shot/accuracy" in out
     answers = [line for line in out.splitlines() if " model: " in line and " truth: " in line]
     assert len(answers) == 8, out[-3000:]
@@ -63,14 +70,8 @@ def test_mm1_notebook_runs(tmp_path):
 def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
     """The tiny IOMM chain with few steps: the report (shapes-eval table, grid path), samples next
     to prompts, edits; then `mmjax sample` and `shapes-eval` on the same workdir."""
-    with open(os.path.join(ROOT, "notebooks", "iomm.ipynb")) as f:
-        cells = json.load(f)["cells"]
-    script = tmp_path / "iomm_notebook.py"
-    script.write_text("\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
     work = tmp_path / "work"
     env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags(1),
         "MMJAX_NOTEBOOK_STEPS": os.environ.get("MMJAX_TEST_IOMM_STEPS", "30"),
         "MMJAX_NOTEBOOK_MLLM_STEPS": "20",
         "MMJAX_NOTEBOOK_PROMPTS": "2",
@@ -95,13 +96,8 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
                 "stage2.data.components.images.num_records=256",
             ]
         ),
-        "MMJAX_NOTEBOOK_WORKDIR": str(work),
     }
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
+    out = run_notebook("iomm", tmp_path, env, timeout=1200)
     assert "| overall |" in out and "| held_out |" in out and "| correct |" in out, out[-3000:]
     grid = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("samples: ")]
     assert grid and os.path.getsize(grid[0]) > 0
@@ -137,57 +133,19 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
     assert len(index) == 2 and all((samples / r["file"]).exists() for r in index)
 
 
-# configs/mmgem.py likewise, stage by stage
-SMALL_MMGEM = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("_mmgem_configs", {path!r})
-_mmgem = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mmgem)
-VARIANTS = _mmgem.VARIANTS
-
-
-def get_config(arg=None):
-    c = _mmgem.get_config(arg)
-    for stage in c.get("stages", ()):
-        for comp in c[stage].data.components.values():
-            comp.num_records = 256
-        for ev in c[stage].evals.values():
-            ev.num_examples = ev.batch_size
-    return c
-"""
-
-
 def test_mmgem_notebook_runs_its_three_stages_each_changing_only_its_own_parameters(tmp_path):
     """The tiny MM-GEM pipeline with few steps: the final stage's table, retrieval examples,
     captions checked by the scorer and region captions; and, from each stage's export against the
     one before, region captioning moved only h3 and the soft prompts, region retrieval only h4."""
-    with open(os.path.join(ROOT, "notebooks", "mmgem.ipynb")) as f:
-        cells = json.load(f)["cells"]
-    script = tmp_path / "mmgem_notebook.py"
-    script.write_text("\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "mmgem.py").write_text(SMALL_MMGEM.format(path=os.path.join(ROOT, "configs", "mmgem.py")))
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags(1),
-        "MMJAX_NOTEBOOK_STEPS": "20",
-        "MMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work"),
-        "MMJAX_CONFIGS": str(configs),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
+    out = run_notebook("mmgem", tmp_path, {"MMJAX_NOTEBOOK_STEPS": "20"}, small=True)
+    lines = out.splitlines()
     for metric in (
         "retrieval/i2t_R@1",
         "zeroshot/accuracy",
         "captioning/cider_d",
         "region_retrieval/i2t_R@1",
     ):
-        assert any(line.startswith(f"| {metric} |") for line in lines), proc.stdout[-3000:]
+        assert any(line.startswith(f"| {metric} |") for line in lines), out[-3000:]
     assert sum(" -> " in line and line.rstrip().endswith(("yes", "no")) for line in lines) == 4
     assert sum(line.startswith("caption ") and "true of the scene:" in line for line in lines) == 6
     assert sum(line.startswith("region ") and "truth:" in line for line in lines) == 6
