@@ -191,3 +191,18 @@ def test_an_imported_hf_llm_gets_emb_and_cap_by_a_vocabulary_resize(tmp_path):
     assert (batch["emb_tokens"] == vocab).sum(1).tolist() == [1] * 8  # one [EMB] per row
     loss, _ = jax.jit(t.recipe.loss)(state.params, batch, None)
     assert np.isfinite(float(loss))
+
+
+def test_captions_are_scored_against_the_worlds_scenes_whatever_the_run_seed():
+    """The evaluation images are the shapes world's (its `seed`, default 0), not the run seed's: the
+    true captions score 1.0 under seed 1 too."""
+    from mmjax.data import shapes
+
+    recipe = recipes.get(load("tiny_stage1", "seed=1"))
+    spec = recipe.config.evals.captioning
+    _, finalize = recipe._eval_captioning(spec)
+    val = shapes.ShapesSource("val", "caption")
+    pre = recipe.preprocess("pairs")
+    ids = np.stack([pre.text(val[i]["text"])["cap_targets"] for i in range(8)])
+    out = finalize({"ids": ids, "truth": ids, "index": np.arange(8)})
+    assert out["accuracy"] == 1.0 and out["cider_d"] > 0

@@ -44,9 +44,19 @@ class InMemory:
         return f"InMemory({self.name})"
 
 
+def world_seed(comp) -> int:
+    """The shapes world a component reads (`seed`, default 0; not the run's `config.seed`): scorers
+    that rebuild a record's scene from its index must use the same one."""
+    return int(comp.get("seed", 0))
+
+
 def _shapes(comp, image_size: int):
     return shapes.ShapesSource(
-        split=comp.split, view=comp.view, image_size=image_size, num_records=comp.get("num_records") or None
+        split=comp.split,
+        view=comp.view,
+        image_size=image_size,
+        num_records=comp.get("num_records") or None,
+        seed=world_seed(comp),
     )
 
 

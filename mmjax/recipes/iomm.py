@@ -25,7 +25,7 @@ from etils import epath
 
 from mmjax import weights
 from mmjax.config import ConfigError
-from mmjax.data import shapes, tokenizer as tok_lib
+from mmjax.data import pipeline, shapes, tokenizer as tok_lib
 from mmjax.eval import artefacts, shapes_eval
 from mmjax.models import autoencoder_kl, vlm
 from mmjax.models.iomm import IOMM
@@ -373,7 +373,9 @@ class EditScore:
     instruction does not touch are unchanged), with a grid of references and edits."""
 
     def __init__(self, spec):
-        self.source = shapes.ShapesSource(split=spec.split, view="edit", num_records=spec.num_examples)
+        self.source = shapes.ShapesSource(
+            split=spec.split, view="edit", num_records=spec.num_examples, seed=pipeline.world_seed(spec)
+        )
 
     def __call__(self, out: dict) -> dict:
         ok, kept, grid, labels = [], [], [], []
@@ -417,11 +419,13 @@ class Reconstruction:
     (shape, colour, size), and a grid of references next to their reconstructions."""
 
     def __init__(self, spec):
-        self.source = shapes.ShapesSource(split=spec.split, view="image", num_records=spec.num_examples)
+        self.source = shapes.ShapesSource(
+            split=spec.split, view="image", num_records=spec.num_examples, seed=pipeline.world_seed(spec)
+        )
 
     def __call__(self, out: dict) -> dict:
         refs = [self.source[int(i)]["image"] for i in out["index"]]
-        scenes = [shapes.scene(self.source.split, int(i)) for i in out["index"]]
+        scenes = [shapes.scene(self.source.split, int(i), self.source.seed) for i in out["index"]]
         ok = [shapes_eval.matches_scene(im, sc) for im, sc in zip(out["image"], scenes)]
         pairs = [im for pair in zip(refs[:16], out["image"][:16]) for im in pair]
         labels = [t for k in ok[:16] for t in ("reference", "same" if k else "differs")]

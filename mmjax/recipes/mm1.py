@@ -19,7 +19,7 @@ import numpy as np
 
 from mmjax import weights
 from mmjax.config import ConfigError
-from mmjax.data import shapes, tokenizer as tok_lib
+from mmjax.data import pipeline, shapes, tokenizer as tok_lib
 from mmjax.eval import captioning, vqa
 from mmjax.eval.few_shot import FewShot
 from mmjax.models import vlm
@@ -335,7 +335,7 @@ class Recipe(BaseRecipe):
             task, k = spec.task, spec.shots
             prompt_len = (k + 1) * (self.fmt.per_image + 40) + 2
             view = "caption" if task == "caption" else "qa"
-            few = FewShot(self.fmt, self._piece(task), view, k, prompt_len, size, self.config.seed)
+            few = FewShot(self.fmt, self._piece(task), view, k, prompt_len, size, pipeline.world_seed(spec))
             new = spec.get("max_new_tokens", 24)
 
             def step(params, batch, ctx, new=new):
@@ -344,7 +344,9 @@ class Recipe(BaseRecipe):
                     "index": batch["index"],
                 }
 
-            out[name] = Evaluator(spec, few, step, Score(self.tokenizer, task, spec.split, self.config.seed))
+            out[name] = Evaluator(
+                spec, few, step, Score(self.tokenizer, task, spec.split, pipeline.world_seed(spec))
+            )
         return out
 
     def sample(self, params, prompts, num_samples, ctx):

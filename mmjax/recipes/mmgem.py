@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import ConfigError
-from mmjax.data import shapes, tokenizer as tok_lib
+from mmjax.data import pipeline, shapes, tokenizer as tok_lib
 from mmjax.eval import artefacts, captioning, retrieval
 from mmjax.models import mmgem
 from mmjax.objectives import contrastive
@@ -274,12 +274,12 @@ class Recipe(BaseRecipe):
                 refs = {k: [plain(t)] for k, t in zip(keys, self.to_texts(o["truth"]))}
                 scores = {"exact": float(np.mean([plain(t) == refs[k][0] for k, t in zip(keys, texts)]))}
             else:  # five template captions of the scene
-                scenes = [shapes.scene(spec.split, int(i), self.config.seed) for i in o["index"]]
+                scenes = [shapes.scene(spec.split, int(i), pipeline.world_seed(spec)) for i in o["index"]]
                 refs = {
                     k: [plain(shapes.caption(sc, np.random.default_rng((r, int(i))))) for r in range(5)]
                     for k, sc, i in zip(keys, scenes, o["index"])
                 }
-                scores = captioning.score(texts, o["index"], spec.split, self.config.seed)
+                scores = captioning.score(texts, o["index"], spec.split, pipeline.world_seed(spec))
             cider, _ = captioning.cider_d(refs, {k: plain(t) for k, t in zip(keys, texts)})
             rows = [{"caption": t, "references": refs[k]} for k, t in zip(keys, texts)][:32]
             return {**scores, "cider_d": cider, "captions": artefacts.Texts(tuple(rows))}
