@@ -75,3 +75,14 @@ def tiny_config():
         return config_lib.load(TINY, list(overrides))
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `long` first, the longest (`long(weight)`, default 1) first, so under `-n 2`
+    neither worker is left alone with a long test at the end."""
+
+    def weight(item):
+        mark = item.get_closest_marker("long")
+        return 0 if mark is None else (mark.args[0] if mark.args else 1)
+
+    items.sort(key=lambda item: -weight(item))

@@ -145,6 +145,7 @@ def _files(path):
     }
 
 
+@pytest.mark.long
 def test_frozen_mllm_trains_the_adapter_on_all_four_real_sources_and_stays_out_of_checkpoints(
     mllm_export, tmp_path
 ):
@@ -194,6 +195,7 @@ def test_frozen_mllm_trains_the_adapter_on_all_four_real_sources_and_stays_out_o
     assert not any("mllm" in n for n in tree.flat(restored))
 
 
+@pytest.mark.long
 def test_gradients_reach_the_adapter_through_the_frozen_mllm(mllm_export):
     import flax.linen as nn
 

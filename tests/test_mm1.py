@@ -172,6 +172,7 @@ def test_higher_resolution_variants_keep_the_parameter_shapes(tiny, variant):
     assert logits.shape == (1, len(ex["tokens"]), recipe.model.llm.vocab_size)
 
 
+@pytest.mark.long(2)
 def test_pipeline_pretrain_then_sft_from_its_export(tmp_path):
     """configs/mm1.py:tiny_pipeline: tiny pre-training lowers every component's loss and its export
     loads as trained weights; the SFT stage starts from that export and evaluates."""
@@ -276,6 +277,7 @@ def test_full_scale_configs_build_abstractly(variant):
     assert dict(t.mesh.shape)["fsdp"] == 8 and cfg.data.global_batch_size == 512 and cfg.model.seq_len == 4096
 
 
+@pytest.mark.long
 def test_full_scale_moe_step_compiles_on_fake_devices():
     info = cli.check(load("3b_moe"))
     assert info["params"] > 10e9 and info["argument_bytes"] > 0 and info["mesh"]["fsdp"] == 8

@@ -111,6 +111,7 @@ def test_bad_configs_fail_before_compilation():
         recipes.get(load("tiny_stage1", "evals.retrieval.task=retreival"))
 
 
+@pytest.mark.long(2)
 def test_train_logs_the_same_losses_on_8_devices_as_on_1(tmp_path):
     args = [
         "train",
@@ -119,7 +120,8 @@ def test_train_logs_the_same_losses_on_8_devices_as_on_1(tmp_path):
         "--config.train.steps=4",
         "--config.train.log_every=1",
     ]
-    args += ["--config.evals={}", "--config.train.save_every=4"]
+    args += ["--config.evals={}", "--config.train.save_every=4", "--config.data.global_batch_size=16"]
+    args += ["--config.model.vision.depth=1", "--config.model.llm.depth=1"]  # the sharding is what is tested
     runs = {}
     for devices in (1, 8):
         run_mmjax(*args, "--workdir", str(tmp_path / str(devices)), devices=devices)

@@ -9,9 +9,11 @@ import sys
 
 import jax
 import numpy as np
-
+import pytest
 from conftest import ROOT, TINY, read_metrics, run_mmjax
-from mmjax import config as config_lib, tree, weights
+
+from mmjax import config as config_lib
+from mmjax import tree, weights
 from mmjax.train import trainer as trainer_lib
 
 MM1 = os.path.join(ROOT, "configs", "mm1.py")
@@ -27,6 +29,7 @@ def launch(nproc, per, *args, timeout=600):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.long
 def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
     """SIGTERM reaches process 1 only (JAX's preemption service must see it, so mmjax installs no
     handler of its own there): both processes save the same step and exit 143; one process resumes
@@ -83,6 +86,7 @@ def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
     np.testing.assert_allclose([a[s]["loss"] for s in a], [b[s]["loss"] for s in a], rtol=2e-5)
 
 
+@pytest.mark.long(2)
 def test_fine_tune_from_weights_and_export_on_two_processes(tmp_path):
     """The issue's command: MM1 SFT from an export on 2 processes x (data=2, fsdp=2). The export
     itself is written by 2 processes from arrays spread over both."""

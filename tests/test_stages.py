@@ -25,6 +25,7 @@ ARGS = [
 ]
 
 
+@pytest.mark.long(2)
 def test_killed_pipeline_restarts_to_the_same_result(tmp_path):
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     run_mmjax("train", "--config", PIPELINE, "--workdir", straight, *ARGS)

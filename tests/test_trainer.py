@@ -70,6 +70,7 @@ def test_sharded_run_matches_one_device_and_shards_params(tmp_path, tiny_config)
     assert any("fsdp" in str(x.sharding.spec) for x in mu)
 
 
+@pytest.mark.long
 def test_resume_is_bit_identical_after_sigkill_and_sigterm(tmp_path):
     straight = str(tmp_path / "straight")
     run_mmjax("train", "--config", TINY, "--workdir", straight, *SHORT)
@@ -97,6 +98,7 @@ def test_resume_is_bit_identical_after_sigkill_and_sigterm(tmp_path):
             assert a[s]["loss"] == b[s]["loss"], (sig, s, a[s]["loss"], b[s]["loss"])
 
 
+@pytest.mark.long
 def test_restore_onto_another_mesh(tmp_path, tiny_config):
     workdir = str(tmp_path / "run")
     few = FEW.removeprefix("--config.")

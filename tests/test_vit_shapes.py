@@ -1,8 +1,11 @@
 """The vit_shapes recipe learns: loss falls and the evaluator's F1 beats the untrained model."""
 
+import pytest
+
 from mmjax.train import trainer as trainer_lib
 
 
+@pytest.mark.long
 def test_tiny_training_improves_the_evaluator(tmp_path, tiny_config):
     cfg = tiny_config("train.steps=200", "train.log_every=10", "evals.val.num_examples=256")
     trainer = trainer_lib.Trainer(cfg, str(tmp_path))
