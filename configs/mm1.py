@@ -14,6 +14,7 @@ sequences of 4096 tokens with up to 16 images of 144 tokens); `3b_moe` adds top-
 """
 
 from mmjax import config as C
+from mmjax.models import vit
 
 
 def _evals(c, tasks=("caption", "vqa"), shots=(0, 4, 8), n=64):
@@ -103,22 +104,7 @@ def _full(c, llm, moe=0):
         text=C.component(view="text", format="text", weight=10.0, max_text_tokens=0),
     )
     c.model = dict(
-        vision=dict(
-            patch_size=14,
-            width=1024,
-            depth=24,
-            num_heads=16,
-            mlp_dim=4096,
-            class_token=True,
-            pre_norm=True,
-            act="quick_gelu",
-            layer_norm_eps=1e-5,
-            posemb_size=0,
-            # OpenAI CLIP-L/14-336 as `mmjax convert hf-import` states it
-            patch_bias=False,
-            posemb_resize="bicubic",
-            pixels="clip",
-        ),
+        vision=dict(vit.CLIP_L14, posemb_size=0),  # OpenAI CLIP-L/14-336 as hf-import states it
         connector=dict(kind="c_abstractor", num_tokens=144),
         llm=dict(**llm, moe=_moe(moe)),
         seq_len=4096,

@@ -13,6 +13,7 @@ set model.tokenizer to the LLM's folder: [EMB] and [CAP] are added and the vocab
 """
 
 from mmjax import config as C
+from mmjax.models import vit
 
 VARIANTS = ("tiny", "tiny_stage1", "l14", "l14_stage1")
 BACKBONES = "^(vision|llm)/"  # the pre-trained towers: optim.groups scales their learning rate
@@ -81,20 +82,7 @@ def _l14():
     c.data.update(image_size=224, global_batch_size=81_920, num_workers=8)
     c.data.components = dict(pairs=C.component(view="caption"))
     c.model = dict(
-        # OpenCLIP ViT-L/14 (as `mmjax convert hf-import` states a CLIP tower)
-        vision=dict(
-            patch_size=14,
-            width=1024,
-            depth=24,
-            num_heads=16,
-            mlp_dim=4096,
-            class_token=True,
-            pre_norm=True,
-            act="gelu",
-            layer_norm_eps=1e-5,
-            patch_bias=False,
-            pixels="clip",
-        ),
+        vision=dict(vit.CLIP_L14, act="gelu"),  # OpenCLIP ViT-L/14 (LAION), as hf-import states it
         # TinyLlama-1.1B-shaped
         llm=dict(
             width=2048,

@@ -27,6 +27,23 @@ Dtype = Any
 # Pixel statistics a tower was trained with ([0, 1] units, as HF's image_mean / image_std). Images
 # come in as [-1, 1] (every mmjax tower's and SigLIP's own: mean = std = 0.5); the ViT renormalises
 # them to its tower's statistics, so one batch can feed towers trained differently.
+# CLIP ViT-L/14 as `mmjax convert hf-import` states OpenAI's tower (OpenCLIP's: act='gelu'); configs
+# start from it: dict(CLIP_L14, ...)
+CLIP_L14 = dict(
+    patch_size=14,
+    width=1024,
+    depth=24,
+    num_heads=16,
+    mlp_dim=4096,
+    class_token=True,
+    pre_norm=True,
+    act="quick_gelu",
+    layer_norm_eps=1e-5,
+    patch_bias=False,
+    posemb_resize="bicubic",
+    pixels="clip",
+)
+
 PIXELS = {
     'signed': None,
     'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
