@@ -14,7 +14,7 @@ sequences of 4096 tokens with up to 16 images of 144 tokens); `3b_moe` adds top-
 """
 
 from mmjax import config as C
-from mmjax.models import vit
+from mmjax.models import llm, vit
 
 
 def _evals(c, tasks=("caption", "vqa"), shots=(0, 4, 8), n=64):
@@ -138,16 +138,7 @@ LLM_3B = dict(
     qkv_bias=True,
     rope_theta=1e6,
 )
-LLM_1B = dict(
-    width=2048,
-    depth=22,
-    num_heads=32,
-    num_kv_heads=4,
-    mlp_dim=5632,
-    vocab_size=0,
-    tie_embeddings=False,
-    norm_eps=1e-5,
-)
+LLM_1B = llm.TINYLLAMA_1B
 
 
 VARIANTS = (

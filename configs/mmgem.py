@@ -13,7 +13,7 @@ set model.tokenizer to the LLM's folder: [EMB] and [CAP] are added and the vocab
 """
 
 from mmjax import config as C
-from mmjax.models import vit
+from mmjax.models import llm, vit
 
 VARIANTS = ("tiny", "tiny_stage1", "l14", "l14_stage1")
 BACKBONES = "^(vision|llm)/"  # the pre-trained towers: optim.groups scales their learning rate
@@ -83,17 +83,7 @@ def _l14():
     c.data.components = dict(pairs=C.component(view="caption"))
     c.model = dict(
         vision=dict(vit.CLIP_L14, act="gelu"),  # OpenCLIP ViT-L/14 (LAION), as hf-import states it
-        # TinyLlama-1.1B-shaped
-        llm=dict(
-            width=2048,
-            depth=22,
-            num_heads=32,
-            num_kv_heads=4,
-            mlp_dim=5632,
-            tie_embeddings=False,
-            norm_eps=1e-5,
-            vocab_size=0,
-        ),
+        llm=dict(llm.TINYLLAMA_1B),
         embed_dim=768,
         context_tokens=1,
         soft_prompts=0,

@@ -40,6 +40,19 @@ from mmjax.models.rope import apply_rope, cos_sin, rope_type
 Dtype = Any
 
 
+# TinyLlama-1.1B's shape (vocab_size=0: the tokenizer's size), as `mmjax convert hf-import` states it
+TINYLLAMA_1B = dict(
+    width=2048,
+    depth=22,
+    num_heads=32,
+    num_kv_heads=4,
+    mlp_dim=5632,
+    vocab_size=0,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(attn_norm(x)); x + mlp(mlp_norm(x)).
 

@@ -67,7 +67,11 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array)
     The loss does not split into micro-batches: under gradient accumulation each micro-batch is
     its own contrastive batch (its negatives are the micro-batch's examples).
     """
-    logits_per_image, logits_per_text = clip_logits(image_emb, text_emb, logit_scale)
+    return loss_from_logits(*clip_logits(image_emb, text_emb, logit_scale))
+
+
+def loss_from_logits(logits_per_image: jax.Array, logits_per_text: jax.Array) -> jax.Array:
+    """`clip_loss` from `clip_logits`' output (for callers that also read the logits)."""
     labels = nn.with_logical_constraint(jnp.arange(logits_per_image.shape[0]), ("batch",))
-    ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()  # noqa: E731
     return (ce(logits_per_image) + ce(logits_per_text)) / 2

@@ -167,8 +167,8 @@ class Recipe(BaseRecipe):
         if "embed" in tasks or "region_retrieval" in tasks:
             image, text = self.embeddings(params, batch, self.region, v)
             scale = jnp.exp(params["logit_scale"])
-            emb = contrastive.clip_loss(image, text, scale)
-            per_image, _ = contrastive.clip_logits(image, text, scale)
+            per_image, per_text = contrastive.clip_logits(image, text, scale)  # once: loss and accuracy
+            emb = contrastive.loss_from_logits(per_image, per_text)
             hit = per_image.argmax(1) == jnp.arange(len(image))
             metrics.update(emb_loss=emb, logit_scale=scale, i2t_accuracy=hit.mean())
             total = total + emb
