@@ -44,7 +44,7 @@ def test_model_state_sharded_updated_and_equal_to_one_device(tmp_path):
         toy_recipe.D,
     )
     # the optimizer, weight decay and the parameter EMA never see the non-gradient state
-    assert set(trainer.opt.trainable) == set(tree.flat(state.params)) and set(state.ema) == set(
+    assert set(trainer.opt.trainable) == set(tree.flat(state.params)) - {"centroids"} and set(state.ema) == set(
         trainer.opt.trainable
     )
     opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state)}
@@ -94,6 +94,19 @@ def test_constraint_applies_after_every_update(tmp_path):
     for i in range(2):
         state, _ = step(state, {}, _batch(trainer, i))
         assert float(state.params["scale"]) <= toy_recipe.SCALE_MAX + 1e-7
+
+
+def test_recipe_written_parameter_follows_the_new_state_without_optimizer(tmp_path):
+    trainer = trainer_lib.Trainer(load(), str(tmp_path))
+    assert "centroids" not in trainer.opt.trainable  # fixed_params: no gradient step, no optimizer state
+    state = trainer.init_state()
+    step = jax.jit(trainer.train_step)
+    for i in range(2):
+        state, _ = step(state, {}, _batch(trainer, i))
+        stats = jax.device_get(state.model_state["stats"])  # the state this very step made
+        np.testing.assert_allclose(
+            np.asarray(state.params["centroids"]), stats["sums"] / stats["counts"][:, None], rtol=1e-6
+        )
 
 
 def _body_folder(path, seed):

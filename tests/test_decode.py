@@ -92,6 +92,17 @@ def test_stop_tokens_stop_rows_independently(params):
     assert lengths[0] <= 3 and lengths[1] <= 5
 
 
+def test_allowed_tokens_restrict_every_choice(params):
+    allowed = jnp.zeros(128, bool).at[40:48].set(True)
+    for method in ("greedy", "sample"):
+        ids, _ = generate(
+            MODEL, params, PROMPTS, max_new_tokens=N, method=method, rng=jax.random.key(0), allowed=allowed
+        )
+        assert ((np.asarray(ids) >= 40) & (np.asarray(ids) < 48)).all()
+    free, _ = generate(MODEL, params, PROMPTS, max_new_tokens=N)
+    assert not ((np.asarray(free) >= 40) & (np.asarray(free) < 48)).all()  # the restriction did something
+
+
 def test_sampling(params, forward):
     greedy, _ = generate(MODEL, params, PROMPTS, max_new_tokens=N)
     key = jax.random.key(7)

@@ -5,6 +5,7 @@ straight-through gradients, and the LLM-norm rescale and ramp."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mmjax.objectives import quantization as vq
 
@@ -76,6 +77,18 @@ def test_ema_stats_sum_over_shards():
     for w, a, b in zip(whole, *halves):
         np.testing.assert_allclose(np.asarray(w), np.asarray(a + b), atol=1e-5)
     np.testing.assert_allclose(float(whole[0].sum()), N)
+
+
+def test_nearest_chunked_matches_dense():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(96, D)).astype(np.float32))  # random floats: no ties
+    c = jnp.asarray(rng.normal(size=(K, D)).astype(np.float32))
+    dense = np.asarray(vq.nearest(x, c))
+    for chunk in (8, 32, 48, 96, 200):  # 96 and 200 (>= N) take the dense path
+        np.testing.assert_array_equal(np.asarray(vq.nearest(x, c, chunk=chunk)), dense)
+    np.testing.assert_array_equal(np.asarray(jax.jit(vq.nearest, static_argnums=2)(x, c, 32)), dense)
+    with pytest.raises(ValueError, match="multiple"):
+        vq.nearest(x, c, chunk=40)
 
 
 def test_kmeans_step_by_hand():

@@ -174,3 +174,22 @@ def test_cli_round_trip(tmp_path, capsys):
     with pytest.raises(SystemExit):
         se.main(['--images', str(images), '--prompts', str(prompts)])
     assert '1 image(s) missing' in capsys.readouterr().err
+
+
+def test_geneval_finalizer_scores_oracle_and_blank_images():
+    import ml_collections
+
+    from mmjax.eval import artefacts
+
+    spec = ml_collections.ConfigDict(dict(prompts_per_task=2, samples_per_prompt=2))
+    fin, src = se.GenEval(spec), se.PromptSource(2, 2)
+    rng = np.random.default_rng(0)
+    index = np.arange(len(src))
+    oracle = [
+        shapes.render(se.scene_for_prompt(se.Prompt(r["task"], r["text"], json.loads(r["spec"])), rng), 64)
+        for r in (src[i] for i in index)
+    ]
+    good = fin({"image": np.stack(oracle), "index": index})
+    blank = fin({"image": np.full_like(np.stack(oracle), 255), "index": index})
+    assert good["overall"] == 1.0 and blank["overall"] == 0.0
+    assert set(se.TASKS) <= set(good) and isinstance(good["samples"], artefacts.Images)

@@ -2,7 +2,8 @@
 
 - a non-gradient collection `stats` (k-means EMA statistics of features, sharded by axis names),
   updated from additive statistics the loss returns, with a decay that depends on the step;
-- a parameter with a valid range (`scale`, clamped after every update);
+- a parameter with a valid range (`scale`, clamped after every update), and one only the recipe
+  writes (`centroids`: `fixed_params`, set by `constrain` from the state `update_state` made);
 - a subtree (`body`) that configs may hold frozen (config.frozen), between trainable layers;
 - an evaluator that makes images and uses its RNG; a sampler (an oracle that renders the scene
   each shapes-eval prompt describes).
@@ -51,6 +52,7 @@ class Toy(nn.Module):
         counts = self.variable("stats", "counts", lambda: jnp.ones((K,), jnp.float32))
         sums = self.variable("stats", "sums", lambda: jax.random.normal(jax.random.key(3), (K, D)))
         scale = self.param("scale", nn.initializers.constant(0.0), ())
+        self.param("centroids", nn.initializers.zeros, (K, D))
         y = _dense(1, ("mlp", None), "head")(h)[..., 0] * jnp.exp(scale)
         return y, h, counts.value, sums.value
 
@@ -98,8 +100,13 @@ class Recipe(BaseRecipe):
             }
         }
 
+    def fixed_params(self):
+        return ("^centroids$",)
+
     def constrain(self, params, ctx):
-        return {**params, "scale": jnp.minimum(params["scale"], SCALE_MAX)}
+        stats = ctx.state["stats"]
+        centroids = stats["sums"] / stats["counts"][:, None]
+        return {**params, "scale": jnp.minimum(params["scale"], SCALE_MAX), "centroids": centroids}
 
     def evaluators(self):
         def step(params, batch, ctx):

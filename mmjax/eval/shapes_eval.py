@@ -27,6 +27,7 @@ import numpy as np
 
 from mmjax.data import shapes
 from mmjax.data.shapes import COLORS, MAX_OBJECTS, NUMBER_WORDS, REL_PHRASES, SHAPES, SIZES, Scene
+from mmjax.eval import artefacts
 from mmjax.paths import resolve
 
 TASKS = ('single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr')
@@ -245,6 +246,32 @@ class PromptSource:
             'spec': json.dumps(p.spec),
             'held_out': bool(pairs & set(shapes.HELD_OUT)),
         }
+
+
+class GenEval:
+    """GenEval's protocol on the shapes world: per-task accuracy over every image, the overall
+    unweighted mean of the six tasks, the held-out colour-shape prompts on their own, a grid."""
+
+    def __init__(self, spec):
+        self.source = PromptSource(
+            spec.get("prompts_per_task", 8), spec.get("samples_per_prompt", 4)
+        )
+
+    def __call__(self, out: dict) -> dict:
+        records = [self.source[int(i)] for i in out["index"]]
+        prompts = [Prompt(r["task"], r["text"], json.loads(r["spec"])) for r in records]
+        result = evaluate(list(out["image"]), prompts)
+        held = [i for i, r in enumerate(records) if r["held_out"]]
+        if held:
+            result["held_out"] = evaluate(
+                [out["image"][i] for i in held], [prompts[i] for i in held]
+            )["overall"]
+        result = {k: v for k, v in result.items() if k != "num_images"}
+        n = min(len(records), 32)
+        result["samples"] = artefacts.Images(
+            out["image"][:n], tuple(r["text"] for r in records[:n]), columns=8
+        )
+        return result
 
 
 def edit_score(image: np.ndarray, source: Scene, target: Scene) -> tuple[bool, bool]:

@@ -10,7 +10,9 @@ logging and the file system; a recipe supplies the pieces below and nothing else
   be `Mean` / `Sum` (mmjax.objectives.reduce) so gradient accumulation and sharding combine them
   exactly; `stats` are additive arrays (sums and counts) that `update_state` turns into the new
   non-gradient state after the step (inside the NaN guard: a skipped step changes nothing).
-- `constrain(params, ctx)`: applied after every update (a parameter with a valid range).
+- `constrain(params, ctx)`: applied after every update (a parameter with a valid range), with
+  `ctx.state` the state `update_state` just made; it may write the parameters `fixed_params()`
+  names (e.g. a codebook that follows EMA statistics), which the optimizer never touches.
 - `evaluators()`: {name: Evaluator}; an evaluation returns floats and artefacts (images, texts).
 - `sample(params, prompts, num_samples, ctx)`: what `mmjax sample` calls (optional).
 - `exports()`: the parts `mmjax export --part NAME` writes as weights folders.
@@ -87,6 +89,11 @@ class Recipe:
 
     def constrain(self, params, ctx: Context):
         return params
+
+    def fixed_params(self) -> tuple[str, ...]:
+        """Patterns (`optim.freeze` syntax) of parameters only `constrain` writes: no gradient step,
+        no optimizer state, whatever `optim.freeze` says."""
+        return ()
 
     def packing(self) -> dict[str, int] | None:
         """{feature: packed length} to pack examples into fixed-length rows; None: no packing."""

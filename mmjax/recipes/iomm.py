@@ -16,7 +16,6 @@ Time convention (mmjax.objectives.flow_matching): t = 1 is noise, t = 0 is data.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -328,7 +327,7 @@ class Recipe(BaseRecipe):
             def step(params, batch, ctx):
                 return {"image": self.generate(params, batch, ctx.rng), "index": batch["index"]}
 
-            fin = {"t2i": GenEval, "edit": EditScore, "reconstruct": Reconstruction}[spec.task](spec)
+            fin = {"t2i": shapes_eval.GenEval, "edit": EditScore, "reconstruct": Reconstruction}[spec.task](spec)
             out[name] = Evaluator(spec, pre, step, fin)
         return out
 
@@ -340,32 +339,6 @@ class Recipe(BaseRecipe):
             "": Export("", {"kind": "iomm", "model": self.config.model.to_dict()}),
             "generator": Export("generator", {"kind": "mmdit", "model": kwargs}),
         }
-
-
-class GenEval:
-    """GenEval's protocol on the shapes world: per-task accuracy over every image, the overall
-    unweighted mean of the six tasks, the held-out colour-shape prompts on their own, a grid."""
-
-    def __init__(self, spec):
-        self.source = shapes_eval.PromptSource(
-            spec.get("prompts_per_task", 8), spec.get("samples_per_prompt", 4)
-        )
-
-    def __call__(self, out: dict) -> dict:
-        records = [self.source[int(i)] for i in out["index"]]
-        prompts = [shapes_eval.Prompt(r["task"], r["text"], json.loads(r["spec"])) for r in records]
-        result = shapes_eval.evaluate(list(out["image"]), prompts)
-        held = [i for i, r in enumerate(records) if r["held_out"]]
-        if held:
-            result["held_out"] = shapes_eval.evaluate(
-                [out["image"][i] for i in held], [prompts[i] for i in held]
-            )["overall"]
-        result = {k: v for k, v in result.items() if k != "num_images"}
-        n = min(len(records), 32)
-        result["samples"] = artefacts.Images(
-            out["image"][:n], tuple(r["text"] for r in records[:n]), columns=8
-        )
-        return result
 
 
 class EditScore:

@@ -90,6 +90,7 @@ def _generate(
     top_p,
     stop_tokens,
     pad_id,
+    allowed=None,
 ):
     logits, cache, lengths = _prefill(model, params, tokens, embeddings, mask, max_new_tokens)
     B = mask.shape[0]
@@ -97,6 +98,8 @@ def _generate(
 
     def choose(i, logits, rng, ids, done, n):  # token i of each row; done rows get pad_id
         rng, key = jax.random.split(rng)
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, -jnp.inf)
         token = jnp.where(done, pad_id, select(logits, key, method, temperature, top_k, top_p))
         return token, rng, ids.at[:, i].set(token), done | jnp.isin(token, stops), n + ~done
 
@@ -127,10 +130,12 @@ def generate(
     stop_tokens: tuple[int, ...] = (),
     pad_id: int = 0,
     rng: jax.Array | None = None,
+    allowed: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(ids [B, max_new_tokens] int32, lengths [B]) continuing each prompt; jitted per static setting.
 
-    method='greedy' | 'sample' (temperature, top_k=0: off, top_p=1: off; needs `rng`)."""
+    method='greedy' | 'sample' (temperature, top_k=0: off, top_p=1: off; needs `rng`).
+    allowed: bool [V], the only tokens that may be chosen (e.g. an image's code tokens)."""
     mask = _prompt(tokens, embeddings, prompt_mask)
     if method == 'sample' and rng is None:
         raise ValueError("method='sample' needs rng")
@@ -148,6 +153,7 @@ def generate(
         top_p=float(top_p),
         stop_tokens=tuple(int(t) for t in stop_tokens),
         pad_id=pad_id,
+        allowed=allowed,
     )
 
 

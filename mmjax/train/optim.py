@@ -91,11 +91,14 @@ def _base(cfg, lr) -> optax.GradientTransformation:
     return OPTIMIZERS[cfg.name](cfg, lr, decay_mask)
 
 
-def build(cfg, param_names: dict, total_steps: int) -> Optimizer:
-    """The optax transformation over the trainable parameters (a flat name -> array dict)."""
+def build(cfg, param_names: dict, total_steps: int, fixed: tuple[str, ...] = ()) -> Optimizer:
+    """The optax transformation over the trainable parameters (a flat name -> array dict); `fixed`:
+    patterns of parameters the recipe itself writes (`Recipe.fixed_params`), frozen like
+    `cfg.freeze` but needing no config entry."""
     cfg = resolve_lr_law(cfg, sum(a.size for a in param_names.values()))
     names = list(param_names)
     frozen = set()
+    frozen.update(n for pattern in fixed for n in tree.match(pattern, names))
     for pattern in cfg.freeze:
         hit = tree.match(pattern, names)
         if not hit:

@@ -71,7 +71,9 @@ class Trainer:
         self.abstract_params = tree.unflat({n: a for n, a in every.items() if n not in frozen})
         self.abstract_frozen = {n: jax.ShapeDtypeStruct(every[n].shape, d) for n, d in frozen.items()}
         self.num_params = sum(x.size for x in jax.tree.leaves(self.abstract_params))  # frozen models excluded
-        self.opt = optim.build(config.optim, tree.flat(self.abstract_params), config.train.steps)
+        self.opt = optim.build(
+            config.optim, tree.flat(self.abstract_params), config.train.steps, self.recipe.fixed_params()
+        )
         self.abstract_state = jax.eval_shape(self._init_state, self.base_key)
         self.state_shardings = self._state_shardings(self.abstract_state, specs)
         self.frozen_shardings = {n: self._sharding(n) for n in self.frozen_names}
@@ -253,14 +255,14 @@ class Trainer:
 
         def apply(_):
             updates, opt_state = self.opt.tx.update(grads, state.opt_state, trainable)
-            params = self.recipe.constrain(
-                tree.unflat({**flat, **optax.apply_updates(trainable, updates)}), ctx
-            )
-            new = tree.flat(params)
-            ema = {n: decay * e + (1 - decay) * new[n] for n, e in state.ema.items()}
             model_state = (
                 self.recipe.update_state(state.model_state, stats, ctx) if stats else state.model_state
             )
+            params = self.recipe.constrain(
+                tree.unflat({**flat, **optax.apply_updates(trainable, updates)}), ctx.replace(state=model_state)
+            )
+            new = tree.flat(params)
+            ema = {n: decay * e + (1 - decay) * new[n] for n, e in state.ema.items()}
             return params, model_state, opt_state, ema
 
         keep = (state.params, state.model_state, state.opt_state, state.ema)
