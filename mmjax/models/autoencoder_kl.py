@@ -218,6 +218,21 @@ class Decoder(nn.Module):
         return _conv(self.out_features, 3, 'conv_out', wide=False, **kw)(h)
 
 
+def encoder_decoder(m: nn.Module, encoder_out: int, decoder_out: int) -> tuple[Encoder, Decoder]:
+    """An Encoder and a Decoder built from module `m`'s fields (block_out_channels,
+    layers_per_block, norm_num_groups, mid_block_add_attention, dtype, param_dtype); call it in
+    `m.setup`."""
+    net = dict(
+        block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block,
+        norm_num_groups=m.norm_num_groups,
+        mid_block_add_attention=m.mid_block_add_attention,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+    )
+    return Encoder(out_features=encoder_out, **net), Decoder(out_features=decoder_out, **net)
+
+
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL (fields as its config.json). `encode`, `decode`, and for a latent
     generator `to_latent` / `from_latent`, which apply `(z - shift_factor) * scaling_factor` and its
@@ -245,16 +260,8 @@ class AutoencoderKL(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        net = dict(
-            block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            mid_block_add_attention=self.mid_block_add_attention,
-            **kw,
-        )
         lat = self.latent_channels
-        self.encoder = Encoder(out_features=2 * lat, **net)
-        self.decoder = Decoder(out_features=self.out_channels, **net)
+        self.encoder, self.decoder = encoder_decoder(self, 2 * lat, self.out_channels)
         self.quant_conv = _conv(2 * lat, 1, 'quant_conv', wide=False, **kw) if self.use_quant_conv else None
         self.post_quant_conv = (
             _conv(lat, 1, 'post_quant_conv', wide=False, **kw) if self.use_post_quant_conv else None

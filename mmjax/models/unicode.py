@@ -35,9 +35,12 @@ class UniCode(nn.Module):
     llm: LLM
     num_codes: int
 
-    def setup(self):
+    def __post_init__(self):
         if self.num_codes > self.llm.vocab_size:
             raise ValueError(f"num_codes={self.num_codes} > the LLM's vocabulary ({self.llm.vocab_size})")
+        super().__post_init__()
+
+    def setup(self):
         E = self.llm.width
         self.connector = dense(E, (None, "embed"), name="connector", dtype=self.llm.dtype)
         self.codebook = self.param(
@@ -64,7 +67,6 @@ class UniCode(nn.Module):
 
     def __call__(self, images: jax.Array, tokens: jax.Array):
         """Touches every parameter (what `init` runs): reconstruction and logits."""
-        recon, _ = self.vq(images, self.codebook)
         agg, _, _, _ = self.vq.quantize(self.vq.features(images), self.codebook)
         x = jnp.concatenate([self.image_inputs(agg), self.embed(tokens)], 1)
-        return recon, self.lm(x, jnp.ones(x.shape[:2], bool)), self.token_ids
+        return self.vq.decode(agg), self.lm(x, jnp.ones(x.shape[:2], bool)), self.token_ids

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.autoencoder_kl import Decoder, Encoder, _conv
+from mmjax.models.autoencoder_kl import _conv, encoder_decoder
 from mmjax.objectives import quantization as Q
 
 AGGREGATES = ("concat", "cumsum")
@@ -58,15 +58,7 @@ class VQTokenizer(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        net = dict(
-            block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            mid_block_add_attention=self.mid_block_add_attention,
-            **kw,
-        )
-        self.encoder = Encoder(out_features=self.latent_channels, **net)
-        self.decoder = Decoder(out_features=3, **net)
+        self.encoder, self.decoder = encoder_decoder(self, self.latent_channels, 3)
         self.quant_conv = _conv(self.feature_width, 1, "quant_conv", wide=False, **kw)
         self.post_quant_conv = _conv(self.latent_channels, 1, "post_quant_conv", wide=False, **kw)
 

@@ -118,9 +118,14 @@ def ema_update(
     """
     cluster_size = decay * cluster_size + (1 - decay) * counts
     embed_sum = decay * embed_sum + (1 - decay) * sums
+    return cluster_size, embed_sum, ema_codebook(cluster_size, embed_sum, eps)
+
+
+def ema_codebook(cluster_size: jax.Array, embed_sum: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """The codebook [K, D] of EMA statistics: embed_sum over the Laplace-smoothed cluster sizes."""
     n = cluster_size.sum()
     smoothed = (cluster_size + eps) / (n + cluster_size.shape[0] * eps) * n
-    return cluster_size, embed_sum, embed_sum / smoothed[:, None]
+    return embed_sum / smoothed[:, None]
 
 
 def restart_dead(

@@ -28,7 +28,6 @@ from mmjax.objectives.reduce import Mean
 from mmjax.recipes.base import Evaluator, Recipe as BaseRecipe
 
 MODES = ("language", "frozen")
-TABLE = "llm/embedder/embedding"
 
 
 def to_float(images):
@@ -39,6 +38,10 @@ def psnr(x, y):
     """Per-image PSNR (dB) of float images in [-1, 1]: peak-to-peak 2."""
     mse = jnp.mean((jnp.clip(x, -1, 1) - y) ** 2, (1, 2, 3))
     return 10 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+def _table(params):
+    return params["llm"]["embedder"]["embedding"]
 
 
 def preprocess(record: dict) -> dict:
@@ -60,14 +63,11 @@ class Recipe(BaseRecipe):
             self.model = unicode.UniCode(tok, llm, mc.num_codes)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model config: {e}") from e
-        if mc.num_codes > llm.vocab_size:
-            raise ConfigError(f"model.num_codes={mc.num_codes} > model.llm.vocab_size={llm.vocab_size}")
         if config.data.image_size % tok.downsample_factor:
             raise ConfigError(
                 f"data.image_size={config.data.image_size} is not a multiple of the tokenizer's "
                 f"downsampling ({tok.downsample_factor})"
             )
-        self.tok = tok
 
     def init(self, rng):
         S = self.config.data.image_size
@@ -90,11 +90,11 @@ class Recipe(BaseRecipe):
     def token_ids(self, params):
         """The code -> token-id map: fixed at the first step from the (loaded) LLM table."""
         ids = params["token_ids"]
-        top = unicode.code_token_ids(params["llm"]["embedder"]["embedding"], self.config.model.num_codes)
-        return jnp.where(ids[0] < 0, top, ids)
+        fix = lambda: unicode.code_token_ids(_table(params), self.config.model.num_codes)  # noqa: E731
+        return jax.lax.cond(ids[0] < 0, fix, lambda: ids)  # the top-k only until the map is set
 
     def llm_rows(self, params):
-        return jax.lax.stop_gradient(params["llm"]["embedder"]["embedding"][self.token_ids(params)])
+        return jax.lax.stop_gradient(_table(params)[self.token_ids(params)])
 
     def codebook(self, params):
         if self.config.model.codebook.mode == "frozen":
@@ -107,7 +107,7 @@ class Recipe(BaseRecipe):
     def tokenize(self, params, images):
         """(aggregated, codes, layer inputs, layer codes) of uint8 images."""
         z = self._apply(params, lambda m, x: m.vq.features(x), to_float(images))
-        return self.tok.quantize(z, self.codebook(params), self.config.model.codebook.chunk)
+        return self.model.vq.quantize(z, self.codebook(params), self.config.model.codebook.chunk)
 
     def decode(self, params, aggregated):
         return self._apply(params, lambda m, a: m.vq.decode(a), aggregated)
@@ -151,12 +151,10 @@ class Recipe(BaseRecipe):
     def constrain(self, params, ctx):
         cb = self.config.model.codebook
         ids = self.token_ids(params)
-        rows = params["llm"]["embedder"]["embedding"][ids]
+        rows = _table(params)[ids]
         if cb.mode == "language":
             s = ctx.state["stats"]
-            n = s["cluster_size"].sum()
-            smoothed = (s["cluster_size"] + cb.eps) / (n + s["cluster_size"].shape[0] * cb.eps) * n
-            c_ema = s["embed_sum"] / smoothed[:, None]
+            c_ema = Q.ema_codebook(s["cluster_size"], s["embed_sum"], cb.eps)  # after the restarts
             codebook = Q.blend(Q.rescale_to(c_ema, rows), rows, self.alpha(ctx.step + 1))
         else:
             codebook = rows
