@@ -1,18 +1,23 @@
-"""UniCode stage 1: the VQ tokenizer whose codes are LLM token ids, trained to reconstruct images
-(language-driven EMA codebook by default; `--config.model.codebook.mode=frozen` for the frozen
-LLM table).
+"""UniCode: a VQ tokenizer whose codes are LLM token ids (stage 1), then the LLM trained over unified
+sequences of words and codes (stage 2: captioning, VQA, text-to-image, in-context decompression).
 
-  mmjax train --config configs/unicode.py:tiny --workdir workdirs/unicode   # CPU minutes
-  mmjax eval  --config configs/unicode.py:tiny --workdir workdirs/unicode   # PSNR, usage, grids
+  mmjax train  --config configs/unicode.py:tiny --workdir workdirs/unicode   # both stages (CPU)
+  mmjax eval   --config configs/unicode.py:tiny --workdir workdirs/unicode   # VQA, GenEval, PSNR
+  mmjax sample --config configs/unicode.py:tiny --workdir workdirs/unicode \
+      --prompt "a red circle" --out samples
 
-Variants: tiny (32 px shapes, a 128-wide LLM table, 256 codes, 8x8x2 code map) and full scale
-`7b` (256 px, a LLaMA-2-7B table (32,000 x 4,096), 16,384 codes, a 16x16x4 code map); start it from
-a converted LLM with `--config.init.llm.path=...` (`mmjax convert hf-import`).
+`tiny` is a pipeline: `stage1` (the tokenizer; language-driven EMA codebook by default,
+`--config.stage1.model.codebook.mode=frozen` or `=dual` for the other two) then `stage2` (the tokenizer
+frozen, the LLM trained; it starts from stage 1's export). Single stages: `tiny_stage1`,
+`tiny_stage2`. Full scale `7b` (and `7b_stage1`, `7b_stage2`): 256 px, a LLaMA-2-7B table
+(32,000 x 4,096), 16,384 codes, a 16x16x4 code map; start it from a converted LLM with
+`--config.stage1.init.llm.path=...` (`mmjax convert hf-import`) and its tokenizer
+(`--config.stage1.model.tokenizer=... --config.stage2.model.tokenizer=...`).
 """
 
 from mmjax import config as C
 
-VARIANTS = ("tiny", "7b")
+VARIANTS = ("tiny", "tiny_stage1", "tiny_stage2", "7b", "7b_stage1", "7b_stage2")
 
 
 def _codebook(**kw):
@@ -21,18 +26,9 @@ def _codebook(**kw):
     )
 
 
-def get_config(arg=None):
-    variant = arg or "tiny"
-    if variant not in VARIANTS:
-        raise C.ConfigError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
-    c = C.base()
-    c.recipe = "unicode"
-    c.init.llm = dict(path="", into="llm", skip="")
-    c.optim.freeze = ("^llm/", "^connector/")  # stage 1 trains the tokenizer only
-    if variant == "tiny":
-        c.data.update(image_size=32, global_batch_size=32)
-        c.data.components = dict(images=C.component(view="image", num_records=2048, cache=True))
-        c.model = dict(
+def _model(scale: str, stage: int):
+    if scale == "tiny":
+        model = dict(
             vq=dict(
                 depth=2,
                 aggregate="concat",
@@ -43,35 +39,81 @@ def get_config(arg=None):
             ),
             llm=dict(vocab_size=512, width=128, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=256),
             num_codes=256,
-            codebook=_codebook(),
+            seq_len=32 if stage == 1 else 200,  # stage 1: the dual mode's captions; 2: 1 + 64 + 1 + 128 codes
             dtype="float32",
         )
-        c.optim.update(lr=2e-3, warmup_steps=20)
-        c.train.update(steps=300, log_every=20, save_every=300)
-        c.evals.reconstruct = C.component(
-            split="val", view="image", task="reconstruct", num_examples=64, batch_size=32
+    else:
+        model = dict(
+            vq=dict(
+                depth=4,
+                aggregate="concat",
+                block_out_channels=(128, 128, 256, 256, 512),
+                layers_per_block=2,
+                latent_channels=256,
+                norm_num_groups=32,
+            ),
+            llm=dict(vocab_size=32000, width=4096, depth=32, num_heads=32, mlp_dim=11008),  # LLaMA-2-7B
+            num_codes=16384,
+            seq_len=128 if stage == 1 else 1408,  # 1 + 256 + 1 + 1024 codes, and room for the prompt
+            dtype="bfloat16",
         )
-        return c
-    c.data.update(image_size=256, global_batch_size=256, num_workers=8)
-    c.data.components = dict(images=C.component(view="image"))
-    c.model = dict(
-        vq=dict(
-            depth=4,
-            aggregate="concat",
-            block_out_channels=(128, 128, 256, 256, 512),
-            layers_per_block=2,
-            latent_channels=256,
-            norm_num_groups=32,
-        ),
-        llm=dict(vocab_size=32000, width=4096, depth=32, num_heads=32, mlp_dim=11008),  # LLaMA-2-7B
-        num_codes=16384,
-        codebook=_codebook(),
-        dtype="bfloat16",
-    )
-    c.mesh.update(data=-1, fsdp=8)
-    c.optim.update(lr=1e-4, warmup_steps=2000)
-    c.train.update(steps=200_000, log_every=100, save_every=5000)
-    c.evals.reconstruct = C.component(
-        split="val", view="image", task="reconstruct", num_examples=1024, batch_size=64
-    )
+    # sample: t2i code sampling; prompt_tokens: the text part of an evaluation or sampling prompt
+    sample = dict(temperature=1.0, top_k=0, max_text_tokens=24, prompt_tokens=48)
+    return dict(stage=stage, tokenizer="", codebook=_codebook(), sample=sample, **model)
+
+
+def _stage(scale: str, stage: int):
+    tiny = scale == "tiny"
+    c = C.base()
+    c.recipe = "unicode"
+    c.model = _model(scale, stage)
+    S = 32 if tiny else 256
+    records = dict(num_records=2048, cache=True) if tiny else {}
+    c.data.update(image_size=S, global_batch_size=32 if tiny else 256)
+    if not tiny:
+        c.data.num_workers = 8
+    evals = dict(num_examples=64, batch_size=32) if tiny else dict(num_examples=1024, batch_size=64)
+    c.evals.reconstruct = C.component(split="val", view="image", task="reconstruct", **evals)
+    if stage == 1:
+        # caption records: images for the tokenizer, captions for the dual mode's LLM steps
+        c.data.components = dict(images=C.component(view="caption", format="caption", **records))
+        c.init.llm = dict(path="", into="llm", skip="")
+        c.optim.update(dict(lr=2e-3, warmup_steps=20) if tiny else dict(lr=1e-4, warmup_steps=2000))
+    else:
+        c.data.components = dict(
+            caption=C.component(view="caption", format="caption", weight=0.3, **records),
+            vqa=C.component(view="qa", format="vqa", weight=0.3, **records),
+            t2i=C.component(view="caption", format="t2i", weight=0.3, **records),
+            decompress=C.component(view="image", format="decompress", weight=0.1, **records),
+        )
+        c.init.unicode = dict(path="", into="", skip="")
+        c.optim.update(dict(lr=1e-3, warmup_steps=20) if tiny else dict(lr=2e-5, warmup_steps=500))
+        c.evals.vqa = C.component(split="val", view="qa", task="vqa", max_new_tokens=6, **evals)
+        n = 4 if tiny else 64
+        c.evals.geneval = C.component(
+            source="geneval",
+            split="test",
+            task="t2i",
+            prompts_per_task=n,
+            samples_per_prompt=4,
+            num_examples=6 * n * 4,
+            batch_size=48 if tiny else 64,
+        )
+    if tiny:
+        c.train.update(steps=300 if stage == 1 else 400, log_every=20, save_every=400)
+    else:
+        c.mesh.update(data=-1, fsdp=8)
+        c.train.update(steps=200_000 if stage == 1 else 50_000, log_every=100, save_every=5000)
     return c
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    if variant not in VARIANTS:
+        raise C.ConfigError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    scale, _, stage = variant.partition("_")
+    if stage:
+        return _stage(scale, int(stage[-1]))
+    return C.pipeline(
+        ("stage1", _stage(scale, 1), {}), ("stage2", _stage(scale, 2), {"init.unicode": "stage1"})
+    )

@@ -12,6 +12,8 @@ Parameters:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,12 +23,18 @@ from mmjax.models.llm import LLM
 from mmjax.models.vq import VQTokenizer
 
 
-def code_token_ids(table: jax.Array, num_codes: int) -> jax.Array:
+def code_token_ids(table: jax.Array, num_codes: int, exclude: Sequence[int] = ()) -> jax.Array:
     """The code -> token-id map: all rows when the codebook is the table's size, else the
-    `num_codes` rows of largest L2 norm (UniCode's fixed subset), in increasing id order."""
-    if num_codes == table.shape[0]:
+    `num_codes` rows of largest L2 norm (UniCode's fixed subset) other than `exclude` (special
+    tokens: a code is never BOS, EOS or a marker), in increasing id order."""
+    if num_codes == table.shape[0] and not exclude:
         return jnp.arange(num_codes, dtype=jnp.int32)
+    if num_codes > table.shape[0] - len(set(exclude)):
+        raise ValueError(
+            f"{num_codes} codes do not fit a {table.shape[0]}-token table less {len(exclude)} special tokens"
+        )
     norms = jnp.sum(table.astype(jnp.float32) ** 2, -1)
+    norms = norms.at[jnp.asarray(exclude, jnp.int32)].set(-jnp.inf) if exclude else norms
     return jnp.sort(jax.lax.top_k(norms, num_codes)[1]).astype(jnp.int32)
 
 
