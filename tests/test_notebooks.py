@@ -160,3 +160,25 @@ def test_mmgem_notebook_runs_its_three_stages_each_changing_only_its_own_paramet
     assert moved(s1, s2a) == {"h3/kernel", "h3/bias", "soft_prompts"}
     assert moved(s2a, s2b) == {"h4/kernel", "h4/bias"}
     np.testing.assert_array_equal(s1["h4/kernel"], np.eye(len(s1["h4/kernel"])))  # h4 starts as the identity
+
+
+@pytest.mark.long
+def test_unicode_notebook_runs_both_stages_and_sample_works_on_its_workdir(tmp_path):
+    """The tiny UniCode pipeline with few steps: each stage's table, reconstructions through LLM
+    tokens, images the LLM wrote (scored by the detector), answers; then `mmjax sample`."""
+    out = run_notebook("unicode", tmp_path, {"MMJAX_NOTEBOOK_STEPS": "20"}, small=True)
+    lines = out.splitlines()
+    for metric in ("reconstruct/psnr", "reconstruct/usage", "vqa/accuracy", "vqa/prior", "geneval/overall"):
+        assert any(line.startswith(f"| {metric} |") for line in lines), out[-3000:]
+    assert sum(": 2 images, detected: " in line for line in lines) == 2
+    assert sum(line.startswith("Q: ") and " model: " in line for line in lines) == 4
+    params, meta = weights.load(str(tmp_path / "work" / "export"))
+    assert meta["code_grid"] == [8, 8, 2] and len(set(np.asarray(params["token_ids"]).tolist())) == 256
+    samples = tmp_path / "samples"
+    run_mmjax(
+        "sample",
+        *("--config", "configs/unicode.py:tiny", "--workdir", str(tmp_path / "work"), "--out", str(samples)),
+        *("--prompt", "a red circle", "--num-samples", "2"),
+    )
+    index = [json.loads(line) for line in (samples / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 2 and all((samples / r["file"]).exists() for r in index)

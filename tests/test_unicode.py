@@ -3,13 +3,14 @@
 toward the LLM rows (equal to them once the ramp ends), and 8 devices update it as 1 does."""
 
 import itertools
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_mmjax
 from mmjax import config as config_lib, tree
 from mmjax.data import pipeline
 from mmjax.eval import shapes_eval
@@ -214,3 +215,17 @@ def test_stage2_rows_hold_image_embeddings_and_the_frozen_tokenizers_code_tokens
     agg, codes, _, _ = recipe.tokenize(after_params, batch["images"][:2])
     rendered = np.asarray(recipe.render(after_params, codes), np.int32)
     np.testing.assert_allclose(rendered, unicode_recipe.to_uint8(recipe.decode(after_params, agg)), atol=1)
+
+
+def test_mmjax_train_logs_the_same_losses_on_8_devices_as_on_1(tmp_path):
+    args = ["--config", f"{CONFIG}:tiny_stage1", *(f"--config.{o}" for o in SMALL)]
+    args += ["--config.train.log_every=1", "--config.evals={}", "--config.train.save_every=4"]
+    logs = {}
+    for n in (1, 8):
+        run_mmjax("train", *args, "--workdir", str(tmp_path / str(n)), f"--config.mesh.data={n}", devices=n)
+        rows = [json.loads(line) for line in (tmp_path / str(n) / "metrics.jsonl").read_text().splitlines()]
+        logs[n] = [(r["step"], r["loss"], r["psnr"], r["usage"]) for r in rows if "loss" in r]
+    assert len(logs[1]) == 4
+    for a, b in zip(logs[1], logs[8], strict=True):
+        assert a[0] == b[0] and a[3] == b[3]
+        np.testing.assert_allclose(a[1:3], b[1:3], rtol=2e-4)

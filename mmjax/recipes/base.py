@@ -13,6 +13,7 @@ logging and the file system; a recipe supplies the pieces below and nothing else
 - `constrain(params, ctx)`: applied after every update (a parameter with a valid range), with
   `ctx.state` the state `update_state` just made; it may write the parameters `fixed_params()`
   names (e.g. a codebook that follows EMA statistics), which the optimizer never touches.
+- `fixed_params()`: those, and what the recipe's stage holds fixed (a frozen tokenizer).
 - `evaluators()`: {name: Evaluator}; an evaluation returns floats and artefacts (images, texts).
 - `sample(params, prompts, num_samples, ctx)`: what `mmjax sample` calls (optional).
 - `exports()`: the parts `mmjax export --part NAME` writes as weights folders.
@@ -91,8 +92,9 @@ class Recipe:
         return params
 
     def fixed_params(self) -> tuple[str, ...]:
-        """Patterns (`optim.freeze` syntax) of parameters only `constrain` writes: no gradient step,
-        no optimizer state, whatever `optim.freeze` says."""
+        """Patterns (`optim.freeze` syntax) of parameters the optimizer never touches, whatever
+        `optim.freeze` says: those only `constrain` writes, and those a recipe's stage holds fixed
+        (no gradient step, no optimizer state)."""
         return ()
 
     def packing(self) -> dict[str, int] | None:
