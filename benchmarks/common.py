@@ -214,3 +214,20 @@ def report(name: str, monitor: CpuMonitor, tables: list[tuple[str, list[dict], l
         print(f"\n{title}\n{markdown_table(rows, columns)}")
     payload = {"benchmark": name, "machine": info, "command": command, **payload}
     print(f"BENCHMARK_JSON {json.dumps(payload, sort_keys=True)}", flush=True)
+
+
+def cached_run(cmd: list[str], done: str) -> dict:
+    """The JSON that `cmd` (one run of a study, in its own process) writes to `done`: run unless an
+    earlier run left it (a study's rerun skips finished runs), with the run's wall time `seconds`."""
+    if not os.path.exists(done):
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd[-2:])} failed:\n{proc.stderr[-4000:]}")
+        with open(done) as f:
+            res = json.load(f)
+        res["seconds"] = round(time.perf_counter() - start)
+        with open(done, "w") as f:
+            json.dump(res, f, indent=1)
+    with open(done) as f:
+        return json.load(f)

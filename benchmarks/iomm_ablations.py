@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import common
 
@@ -107,27 +106,10 @@ def main():
     for seed in args.seeds.split(","):
         for arm in args.arms.split(","):
             out = os.path.join(args.workdir, f"{arm}_seed{seed}")
-            done = os.path.join(out, "ablation.json")
-            start = time.perf_counter()
-            if not os.path.exists(done):
-                cmd = [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "--workdir",
-                    args.workdir,
-                    "--steps",
-                    str(args.steps),
-                    "--mllm",
-                    mllm,
-                    "--run-one",
-                    f"{arm},{seed}",
-                ]
-                proc = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
-                if proc.returncode:
-                    sys.exit(f"{arm} seed {seed} failed:\n{proc.stderr[-4000:]}")
-            with open(done) as f:
-                res = json.load(f)
-            row = {"arm": arm, "seed": seed, "seconds": round(time.perf_counter() - start)}
+            cmd = [sys.executable, os.path.abspath(__file__), "--workdir", args.workdir]
+            cmd += ["--steps", str(args.steps), "--mllm", mllm, "--run-one", f"{arm},{seed}"]
+            res = common.cached_run(cmd, os.path.join(out, "ablation.json"))
+            row = {"arm": arm, "seed": seed, "seconds": res.get("seconds")}
             for stage, keys in METRICS.items():
                 row.update({f"{stage}:{k}": res[stage][k] for k in keys if k in res.get(stage, {})})
             rows.append(row)

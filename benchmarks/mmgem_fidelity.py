@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 import common
 
@@ -135,22 +133,11 @@ def main():
     for seed in seeds:
         for arm in args.arms.split(","):
             name = f"{arm}_seed{seed}"
-            done = os.path.join(args.workdir, name, "fidelity.json")
-            start = time.perf_counter()
-            if not os.path.exists(done):
-                cmd = [sys.executable, os.path.abspath(__file__), "--workdir", args.workdir]
-                cmd += ["--steps", str(args.steps), "--region-steps", str(args.region_steps)]
-                cmd += ["--run-one", f"{arm},{seed}"]
-                proc = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, check=False)
-                if proc.returncode:
-                    sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
-                with open(done) as f:
-                    res = json.load(f)
-                res["seconds"] = round(time.perf_counter() - start)
-                with open(done, "w") as f:
-                    json.dump(res, f, indent=1)
-            with open(done) as f:
-                runs[name] = json.load(f)
+            cmd = [sys.executable, os.path.abspath(__file__), "--workdir", args.workdir]
+            cmd += ["--steps", str(args.steps), "--region-steps", str(args.region_steps)]
+            runs[name] = common.cached_run(
+                [*cmd, "--run-one", f"{arm},{seed}"], os.path.join(args.workdir, name, "fidelity.json")
+            )
             seconds[name] = runs[name].pop("seconds", None)
             print(json.dumps({"run": name, "seconds": seconds[name], **runs[name]}), flush=True)
     payload = {"runs": runs, "seconds": seconds, "steps": args.steps, "region_steps": args.region_steps}
