@@ -52,7 +52,9 @@ def _model(scale: str, stage: int):
                 latent_channels=256,
                 norm_num_groups=32,
             ),
-            llm=dict(vocab_size=32000, width=4096, depth=32, num_heads=32, mlp_dim=11008),  # LLaMA-2-7B
+            llm=dict(
+                vocab_size=32000, width=4096, depth=32, num_heads=32, mlp_dim=11008, scan=True, remat="nothing_saveable"
+            ),  # LLaMA-2-7B
             num_codes=16384,
             seq_len=128 if stage == 1 else 1408,  # 1 + 256 + 1 + 1024 codes, and room for the prompt
             dtype="bfloat16",
