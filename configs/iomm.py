@@ -28,15 +28,7 @@ def _mllm(variant: str):
 
 
 def _evals(c, prompts_per_task=8, edits=48, batch_size=48):
-    c.evals.geneval = C.component(
-        source="geneval",
-        split="test",
-        task="t2i",
-        prompts_per_task=prompts_per_task,
-        samples_per_prompt=4,
-        num_examples=6 * prompts_per_task * 4,
-        batch_size=batch_size,
-    )
+    c.evals.geneval = C.geneval(prompts_per_task, 4, batch_size)
     c.evals.edit = C.component(
         split="test", view="edit", task="edit", num_examples=edits, batch_size=batch_size
     )

@@ -53,7 +53,13 @@ def _model(scale: str, stage: int):
                 norm_num_groups=32,
             ),
             llm=dict(
-                vocab_size=32000, width=4096, depth=32, num_heads=32, mlp_dim=11008, scan=True, remat="nothing_saveable"
+                vocab_size=32000,
+                width=4096,
+                depth=32,
+                num_heads=32,
+                mlp_dim=11008,
+                scan=True,
+                remat="nothing_saveable",
             ),  # LLaMA-2-7B
             num_codes=16384,
             seq_len=128 if stage == 1 else 1408,  # 1 + 256 + 1 + 1024 codes, and room for the prompt
@@ -91,16 +97,7 @@ def _stage(scale: str, stage: int):
         c.init.unicode = dict(path="", into="", skip="")
         c.optim.update(dict(lr=1e-3, warmup_steps=20) if tiny else dict(lr=2e-5, warmup_steps=500))
         c.evals.vqa = C.component(split="val", view="qa", task="vqa", max_new_tokens=6, **evals)
-        n = 4 if tiny else 64
-        c.evals.geneval = C.component(
-            source="geneval",
-            split="test",
-            task="t2i",
-            prompts_per_task=n,
-            samples_per_prompt=4,
-            num_examples=6 * n * 4,
-            batch_size=48 if tiny else 64,
-        )
+        c.evals.geneval = C.geneval(4 if tiny else 64, 4, 48 if tiny else 64)
     if tiny:
         c.train.update(steps=300 if stage == 1 else 400, log_every=20, save_every=400)
     else:

@@ -351,6 +351,22 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def geneval(
+    prompts_per_task: int = 8, samples_per_prompt: int = 4, batch_size: int = 48
+) -> ml_collections.ConfigDict:
+    """The GenEval-style prompt set as a text-to-image evaluation: every sample of every prompt of
+    the six task types (mmjax/eval/shapes_eval.py)."""
+    return component(
+        source="geneval",
+        split="test",
+        task="t2i",
+        prompts_per_task=prompts_per_task,
+        samples_per_prompt=samples_per_prompt,
+        num_examples=6 * prompts_per_task * samples_per_prompt,
+        batch_size=batch_size,
+    )
+
+
 def component(
     source="shapes",
     split="train",

@@ -141,8 +141,8 @@ def restart_dead(
     dead = ~live & jnp.any(live)
     mean = embed_sum / jnp.maximum(cluster_size, 1e-12)[:, None]
     k1, k2 = jax.random.split(rng)
-    logits = jnp.where(live, jnp.log(jnp.maximum(cluster_size, 1e-30)), -jnp.inf)
-    donor = mean[jax.random.categorical(k1, logits, shape=cluster_size.shape)]
+    K = cluster_size.shape[0]  # inverse-CDF draws: O(K log K), not categorical's K x K Gumbel noise
+    donor = mean[jax.random.choice(k1, K, (K,), p=jnp.where(live, cluster_size, 0.0))]
     rms = jnp.sqrt(jnp.mean(donor * donor, -1, keepdims=True))
     fresh = donor + noise * rms * jax.random.normal(k2, mean.shape)
     return (

@@ -10,7 +10,8 @@ then the LLM trained over unified sequences of words and codes.
 - 'frozen': the codebook is the LLM's rows; the encoder learns to meet them.
 - 'dual' (dual alternating): the codebook is the LLM's rows, and both write them: even steps train
   the tokenizer with a codebook loss ||sg(z) - q||^2 into the table, odd steps the LLM on the
-  components' captions (language modelling); one optimizer, so its moments carry across.
+  components' captions (language modelling); one optimizer, so its moments carry across. Only the
+  step's half computes; `llm_step` says which, the other half's metrics read 0.
 Loss: mean squared reconstruction error + beta x commitment (beta 0.25) (+ the codebook loss).
 
 `model.stage` 2: the tokenizer, codebook and code map frozen; the LLM (and the connector, which
@@ -39,6 +40,7 @@ from mmjax.eval import artefacts, captioning, shapes_eval, vqa
 from mmjax.models import llm as llm_lib, unicode, vq
 from mmjax.objectives import quantization as Q
 from mmjax.objectives.cross_entropy import masked_cross_entropy
+from mmjax.objectives import reduce
 from mmjax.objectives.reduce import Mean
 from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
 from mmjax.sampling import decode
@@ -186,7 +188,7 @@ class Recipe(BaseRecipe):
         self.specials = tuple(sorted(set(self.tokenizer.all_special_ids)))
         try:
             llm = llm_lib.LLM(**{**mc.llm.to_dict(), "dtype": mc.dtype})
-            tok = vq.VQTokenizer(code_width=llm.width, **mc.vq.to_dict())
+            tok = vq.VQTokenizer(code_width=llm.width, dtype=mc.dtype, **mc.vq.to_dict())
             self.model = unicode.UniCode(tok, llm, mc.num_codes)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model config: {e}") from e
@@ -312,6 +314,23 @@ class Recipe(BaseRecipe):
     def loss(self, params, batch, ctx):
         if self.config.model.stage == 2:
             return self.lm_loss(params, batch)
+        if not self.dual:
+            return self.tokenizer_loss(params, batch, ctx)
+        # dual: only the step's own half runs (lax.cond); the other half's metrics read 0
+        halves = [lambda: self.tokenizer_loss(params, batch, ctx), lambda: self.lm_loss(params, batch)]
+        shapes = [jax.eval_shape(lambda f=f: reduce.additive(f()[1])) for f in halves]
+        empty = {k: v for shape in shapes for k, v in shape.items()}
+        empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), empty)
+
+        def run(i):
+            loss, metrics = halves[i]()
+            return loss, {**empty, **reduce.additive(metrics), "llm_step": jnp.float32(i)}
+
+        return jax.lax.cond(ctx.step % 2 == 0, lambda: run(0), lambda: run(1))
+
+    def tokenizer_loss(self, params, batch, ctx):
+        """Reconstruction + commitment (+ the dual mode's codebook loss into the table); the
+        language mode's EMA statistics as the step's stats."""
         cb = self.config.model.codebook
         x = to_float(batch["images"])
         agg, codes, inputs, q = self.tokenize(params, batch["images"])
@@ -330,14 +349,10 @@ class Recipe(BaseRecipe):
         if self.ema:
             metrics["alpha"] = self.alpha(ctx.step)
             return Mean.of(err + commit), metrics, {"counts": counts, "sums": sums}
-        if not self.dual:
-            return Mean.of(err + commit), metrics
-        book = jnp.mean((jax.lax.stop_gradient(inputs) - q) ** 2)  # into the shared table
-        tok = Mean.of(err + commit + book)
-        lm, lm_metrics = self.lm_loss(params, batch)
-        w = (ctx.step % 2).astype(jnp.float32)  # odd steps are the LLM's
-        mixed = Mean((1 - w) * tok.total + w * lm.total, (1 - w) * tok.weight + w * lm.weight)
-        return mixed, {**metrics, **lm_metrics, "codebook_loss": book}
+        if self.dual:
+            metrics["codebook_loss"] = jnp.mean((jax.lax.stop_gradient(inputs) - q) ** 2)
+            return Mean.of(err + commit + metrics["codebook_loss"]), metrics
+        return Mean.of(err + commit), metrics
 
     def alpha(self, step):
         start, end = self.config.model.codebook.ramp
