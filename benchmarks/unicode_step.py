@@ -1,17 +1,19 @@
 """UniCode stage-1 tokenizer train-step throughput: codebook modes and stacked-quantization depths.
 
-  python benchmarks/unicode_step.py                     # every variant, 3 rounds of 5 steps
+  python benchmarks/unicode_step.py                     # every variant, 3 rounds of 5 step pairs
   python benchmarks/unicode_step.py --only tiny --reps 5 --wait-quiet 30
 
 Each variant is a Trainer on `configs/unicode.py:tiny_stage1` with overrides: its step is compiled
 once and called on one fixed on-device batch after a warm-up of 2 steps (the first fixes the
-code -> token-id map). Every step is timed on its own (blocked on), the variants interleaved over
-`--reps` rounds; ms/step is the median over all timed steps, a ratio the median of per-round ratios
-(each round's median steps), so load that comes and goes hits both sides of a ratio alike.
+code -> token-id map). Every pair of steps is timed on its own (blocked on), the variants
+interleaved over `--reps` rounds; ms/step is the median over all timed pairs (per step), a ratio
+the median of per-round ratios (each round's median pair), so load that comes and goes hits both
+sides of a ratio alike.
 
 - modes, at two sizes: `language` (EMA statistics, update, dead-code restarts and the blend toward
-  the LLM rows every step), `frozen` (the LLM rows), `dual` (the rows, a codebook loss into the table,
-  and the LLM's caption loss: both losses are computed in every step, the step's parity weighs them).
+  the LLM rows every step), `frozen` (the LLM rows), `dual` (even steps: the tokenizer with a codebook
+  loss into the table; odd steps: the LLM's caption loss; a `lax.cond` on the step's parity runs one).
+  Steps are timed in pairs (an even and an odd one), so a dual figure is the mean of both halves.
   tiny = the config as shipped (32 px, block_out_channels (32,64,64), D = 2 concat, LLM width 128,
   256 codes); medium = 64 px, (64,128,128), LLM width 256 / depth 2 / vocab 2048, 1024 codes.
 - depth, at the tiny size, language mode: D = 1, 2, 4 codes per position, 'concat' (D slices of the
@@ -67,7 +69,7 @@ def variants() -> dict[str, dict]:
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    p.add_argument("--steps", type=int, default=5, help="timed step pairs per variant per round")
     p.add_argument("--only", default="", help="comma list of name prefixes (tiny, medium, tiny/D4, ...)")
     args = p.parse_args()
     common.setup()
@@ -113,7 +115,7 @@ def main():
         for run in runs.values():
             times = []
             for _ in range(args.steps):
-                sec, _, run["state"] = common.bare_step(run["step"], run["state"], run["batch"], 1)
+                sec, _, run["state"] = common.bare_step(run["step"], run["state"], run["batch"], 2)
                 times.append(sec)
             run["times"] += times
             run["rounds"].append(common.median(times))

@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices (mesh tests), absl flags parsed (grain workers read
 them), a helper that runs the `mmjax` command line in a fresh process, and one persistent XLA
-compilation cache for every process the tests start."""
+compilation cache for the test processes and every process they start."""
 
 import json
 import os
@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402,F401  (reads its config now: the cache variables below are for subprocesses)
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -53,17 +53,20 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="session", autouse=True)
 def xla_compilation_cache(request, tmp_path_factory):
-    """The processes the tests start (`run_mmjax`, multi-process launches, notebooks) share one
-    persistent XLA compilation cache for this session: a resumed or restarted run, the second launch
-    of a multi-process run and a reference run compile each program once, not once per process
-    (on 2 cores these compiles are most of a subprocess test). A hit loads the executable of the
-    identical program, so every run computes what it computed before. This process imported JAX
-    above, before these variables, and keeps compiling in memory. Under pytest-xdist the workers
-    share the run's temporary root (pytest deletes old roots itself)."""
+    """The test processes and the processes they start (`run_mmjax`, multi-process launches,
+    notebooks) share one persistent XLA compilation cache for this session: a resumed or restarted
+    run, the second launch of a multi-process run, a reference run and the next test's Trainer on
+    the same config compile each program once (on 2 cores these compiles are most of a test;
+    the in-process cache takes about a fifth off the CPU time of tests/test_unicode.py and
+    tests/test_contract.py). A hit loads the executable of the identical program, so every run
+    computes what it computed before. Under pytest-xdist the workers share the run's temporary
+    root (pytest deletes old roots itself)."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if hasattr(request.config, "workerinput") else base
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "xla-cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
