@@ -74,14 +74,15 @@ def test_iomm_notebook_runs_the_chain_and_sample_works_on_its_workdir(tmp_path):
     to prompts, edits; then `mmjax sample` and `shapes-eval` on the same workdir."""
     work = tmp_path / "work"
     env = {
-        "MMJAX_NOTEBOOK_STEPS": os.environ.get("MMJAX_TEST_IOMM_STEPS", "30"),
-        "MMJAX_NOTEBOOK_MLLM_STEPS": "20",
+        "MMJAX_NOTEBOOK_STEPS": os.environ.get("MMJAX_TEST_IOMM_STEPS", "10"),
+        "MMJAX_NOTEBOOK_MLLM_STEPS": "10",
         "MMJAX_NOTEBOOK_PROMPTS": "2",
         "MMJAX_NOTEBOOK_OVERRIDES": " ".join(
             [
                 "stage1.evals={}",
                 "stage2.train.steps=60",
                 "stage2.train.log_every=10",
+                "stage2.model.sample.steps=8",  # every sampler: evaluators, the notebook's cells
                 # the three samplers share a batch size (one compilation, cached); one batch for edits
                 "stage2.evals.geneval.batch_size=24",
                 *(
