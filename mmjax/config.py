@@ -274,6 +274,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("patch", None),
+    ("conv", None),  # conv feature widths (autoencoders): replicated, see models/autoencoder_kl.py
     ("layers", None),
     ("expert", "expert"),
     ("expert_group", ("data", "fsdp")),

@@ -167,7 +167,7 @@ def test_mmgem_notebook_runs_its_three_stages_each_changing_only_its_own_paramet
 def test_unicode_notebook_runs_both_stages_and_sample_works_on_its_workdir(tmp_path):
     """The tiny UniCode pipeline with few steps: each stage's table, reconstructions through LLM
     tokens, images the LLM wrote (scored by the detector), answers; then `mmjax sample`."""
-    out = run_notebook("unicode", tmp_path, {"MMJAX_NOTEBOOK_STEPS": "20"}, small=True)
+    out = run_notebook("unicode", tmp_path, {"MMJAX_NOTEBOOK_STEPS": "10"}, small=True)
     lines = out.splitlines()
     for metric in ("reconstruct/psnr", "reconstruct/usage", "vqa/accuracy", "vqa/prior", "geneval/overall"):
         assert any(line.startswith(f"| {metric} |") for line in lines), out[-3000:]

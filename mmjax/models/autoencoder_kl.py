@@ -19,9 +19,11 @@ Param tree (C_i = block_out_channels[i], L = latent_channels):
   decoder/up_{i}/upsample                       nearest x2 then 3x3 conv, all levels but the last
   decoder/{norm_out, conv_out}                  GroupNorm, SiLU, 3x3 conv -> out_channels
 Conv kernels are [kh, kw, in, out] (HWIO). Logical axes: a conv kernel's output axis and its bias
-are 'embed' when the output is a feature width (C_i), None (replicated) when it is an image or latent
-width (conv_out, quant_conv, post_quant_conv); spatial and input axes are None. GroupNorm scale/bias
-are on 'embed'; attention q/k/v kernels [C, C] are ('embed', 'mlp'), out is ('mlp', 'embed').
+are 'conv' when the output is a feature width (C_i), None when it is an image or latent width
+(conv_out, quant_conv, post_quant_conv); spatial and input axes are None. GroupNorm scale/bias are
+on 'conv'; attention q/k/v kernels [C, C] are ('conv', None), out is (None, 'conv'). 'conv' is its
+own axis, replicated by the default rules: sharding these small kernels over fsdp costs an
+all-gather of batch-sized activations per layer (BENCHMARKS.md, section 17).
 """
 
 from collections.abc import Sequence
@@ -41,8 +43,8 @@ NORM_EPS = 1e-6  # diffusers' VAE: every GroupNorm (resnets, attention, norm_out
 def _conv(
     features: int, kernel: int, name: str, *, wide: bool, stride: int = 1, padding=None, **kw
 ) -> nn.Conv:
-    """A conv whose kernel is [k, k, in, features]; `wide`: the output axis (and bias) on 'embed'."""
-    axis = 'embed' if wide else None
+    """A conv whose kernel is [k, k, in, features]; `wide`: the output axis (and bias) on 'conv'."""
+    axis = 'conv' if wide else None
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -60,8 +62,8 @@ def _group_norm(groups: int, name: str, **kw) -> nn.GroupNorm:
         num_groups=groups,
         epsilon=NORM_EPS,
         use_fast_variance=False,  # two-pass variance: VAE activations have large means
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('conv',)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('conv',)),
         name=name,
         **kw,
     )
@@ -101,9 +103,9 @@ class SpatialSelfAttention(nn.Module):
         b, hh, ww, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _group_norm(self.norm_num_groups, 'norm', **kw)(x).reshape(b, hh * ww, c)
-        q, k, v = (dense(c, ('embed', 'mlp'), name=n, **kw)(h)[:, :, None, :] for n in 'qkv')
+        q, k, v = (dense(c, ('conv', None), name=n, **kw)(h)[:, :, None, :] for n in 'qkv')
         o = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
-        o = dense(c, ('mlp', 'embed'), name='out', **kw)(o).reshape(b, hh, ww, c)
+        o = dense(c, (None, 'conv'), name='out', **kw)(o).reshape(b, hh, ww, c)
         return nn.with_logical_constraint(x.astype(o.dtype) + o, GRID_AXES)
 
 
