@@ -104,17 +104,24 @@ def main(argv: list[str] | None = None) -> int:
         return convert(args.direction, args.src, args.dst)
     if args.command == "data":
         return data_command(args)
-    from mmjax import config as config_lib, parallel  # heavy imports after argument parsing
-    from mmjax.train import stages, trainer as trainer_lib
+    from mmjax import config as config_lib, distributed
+
+    if args.command == "plot":
+        from mmjax.train import metrics
+
+        print(metrics.plot(args.workdir, args.out or None))
+        return 0
+    try:
+        config = config_lib.load(args.config, overrides)
+    except ConfigError as e:
+        print(f"mmjax: config error: {e}", file=sys.stderr)
+        return 2
+    if distributed.should_supervise(config):
+        return distributed.supervise(argv, getattr(args, "workdir", ""))
+    from mmjax.train import stages, trainer as trainer_lib  # heavy imports after argument parsing
 
     try:
-        if args.command == "plot":
-            from mmjax.train import metrics
-
-            print(metrics.plot(args.workdir, args.out or None))
-            return 0
-        config = config_lib.load(args.config, overrides)
-        parallel.maybe_initialize_distributed()
+        distributed.initialize(config)
         if args.command == "train":
             print(json.dumps(stages.train(config, args.workdir)))
             print(report(*stages.last(config, args.workdir)))

@@ -156,12 +156,31 @@ def batch_axes(config) -> tuple[str, ...]:
     return ()
 
 
-def validate(config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
-    """Checks a config before anything compiles; returns the resolved mesh shape."""
+def mesh_shapes(config, num_devices: int, num_granules: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+    """(within, across): `config.mesh` resolved against the devices of one slice or host, and
+    `config.mesh_dcn` over the `num_granules` slices (TPU multislice) or hosts."""
+    dcn = dict(config.mesh_dcn.items())
+    if extra := sorted(set(dcn) - set(config.mesh)):
+        raise ConfigError(f"mesh_dcn names axes {extra} that config.mesh lacks ({sorted(config.mesh)})")
+    if any(v < 1 for v in dcn.values()):
+        raise ConfigError(f"mesh_dcn {dcn}: sizes must be >= 1 (1 = not across slices or hosts)")
+    across = math.prod(dcn.values())
+    if across > 1 and across != num_granules:
+        raise ConfigError(
+            f"mesh_dcn {dcn} spans {across} slices or hosts, but this run has {num_granules} "
+            f"({num_devices} devices); make the product of mesh_dcn {num_granules}, or set every mesh_dcn axis to 1"
+        )
+    return mesh_shape(config.mesh, num_devices // across), {k: dcn.get(k, 1) for k in config.mesh}
+
+
+def validate(config, num_devices: int, num_processes: int = 1, num_granules: int = 1) -> dict[str, int]:
+    """Checks a config before anything compiles; returns the resolved mesh shape (within a slice
+    or host times across them)."""
     from mmjax.data import pipeline  # the registries of data sources and optimizers
     from mmjax.train import optim
 
-    shape = mesh_shape(config.mesh, num_devices)
+    within, across = mesh_shapes(config, num_devices, num_granules)
+    shape = {k: v * across[k] for k, v in within.items()}
     unknown = [a for a in batch_axes(config) if a not in shape]
     if unknown:
         raise ConfigError(f"sharding rule for 'batch' names mesh axes {unknown} that config.mesh lacks")
@@ -287,6 +306,25 @@ def base() -> ml_collections.ConfigDict:
     c.recipe = ""
     c.seed = 0
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # Axes across slices (TPU multislice) or hosts (GPU nodes) over the data-centre network; `mesh`
+    # is then the mesh within one slice or host, and each axis's size is the product of the two.
+    c.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    # Multi-host start (mmjax/distributed.py): on when a launcher sets MMJAX_DISTRIBUTED /
+    # MMJAX_COORDINATOR or `enabled`; empty fields are left to JAX's cluster detection.
+    c.distributed = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            coordinator="",  # host:port of process 0
+            num_processes=0,
+            process_id=-1,
+            local_device_ids="",  # e.g. "0,1,2,3": this process's GPUs (default: detected)
+            cluster_detection="",  # JAX's method name, e.g. "slurm", "gke_tpu" (default: try each)
+            initialization_timeout_s=300,  # for every process to arrive
+            heartbeat_timeout_s=100,  # a process silent this long is lost; the others stop
+            shutdown_timeout_s=300,
+            supervise=True,  # explain a lost peer in mmjax's words (mmjax/distributed.py)
+        )
+    )
     c.sharding_rules = DEFAULT_RULES
     c.data = ml_collections.ConfigDict(
         dict(

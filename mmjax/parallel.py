@@ -6,33 +6,43 @@ Modules annotate parameters and activations with logical names (`batch`, `embed`
 
 from __future__ import annotations
 
-import os
+import math
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import config as config_lib
 
 
-def maybe_initialize_distributed() -> None:
-    """Starts multi-host JAX when the launcher says so (coordinator env vars or a TPU pod)."""
-    if os.environ.get("MMJAX_COORDINATOR"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["MMJAX_COORDINATOR"],
-            num_processes=int(os.environ["MMJAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["MMJAX_PROCESS_ID"]),
-        )
-    elif os.environ.get("MMJAX_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: auto-detected
+def _by_slice(devices) -> bool:
+    return devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+
+
+def granules(devices) -> int:
+    """What `config.mesh_dcn` spans: TPU slices (multislice), else processes (GPU or CPU hosts)."""
+    return len({d.slice_index if _by_slice(devices) else d.process_index for d in devices})
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-    shape = config_lib.validate(config, jax.device_count(), jax.process_count())
-    return jax.make_mesh(
-        tuple(shape.values()), tuple(shape.keys()), axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
+    """The config's mesh over every device; with `mesh_dcn`, a hybrid mesh whose DCN part spans
+    slices or hosts and whose ICI part stays within one (`mesh_utils.create_hybrid_device_mesh`)."""
+    devices = jax.devices()
+    n = granules(devices)
+    shape = config_lib.validate(config, len(devices), jax.process_count(), n)
+    names, auto = tuple(shape), (jax.sharding.AxisType.Auto,) * len(shape)
+    within, across = config_lib.mesh_shapes(config, len(devices), n)
+    if math.prod(across.values()) == 1:
+        return jax.make_mesh(tuple(shape.values()), names, axis_types=auto)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [within[k] for k in names],
+        [across[k] for k in names],
+        devices,
+        process_is_granule=not _by_slice(devices),
     )
+    return jax.sharding.Mesh(grid, names, axis_types=auto)
 
 
 def rules(config) -> tuple:

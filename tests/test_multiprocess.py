@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -33,7 +34,8 @@ def launch(nproc, per, *args, timeout=600):
 def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
     """SIGTERM reaches process 1 only (JAX's preemption service must see it, so mmjax installs no
     handler of its own there): both processes save the same step and exit 143; one process resumes
-    the run, and it trains like one device reading the same two data shards."""
+    the run, and it trains like one device reading the same two data shards. The two-process run's
+    mesh is hybrid: data over the processes (`mesh_dcn`), fsdp within each."""
     multi = str(tmp_path / "multi")
     args = [
         "train",
@@ -45,7 +47,8 @@ def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
         "--config.train.log_every=1",
         "--config.train.save_every=100",
         "--config.evals={}",
-        "--config.mesh.data=2",
+        "--config.mesh_dcn.data=2",  # data parallel across the two processes (hosts), fsdp within each
+        "--config.mesh.data=1",
         "--config.mesh.fsdp=4",
         FEW,
     ]
@@ -65,7 +68,7 @@ def test_preemption_on_two_processes_saves_one_step_and_resumes(tmp_path):
     data = set(os.listdir(os.path.join(multi, "checkpoints", saved[0], "data")))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= data
     # resumed by one process holding the 8 devices: it reads both processes' data shards
-    second = run_mmjax(*args, devices=8)
+    second = run_mmjax(*args, "--config.mesh_dcn.data=1", "--config.mesh.data=2", devices=8)
     assert "resumed from" in second.stderr
 
     one = str(tmp_path / "one")
@@ -129,3 +132,35 @@ def test_fine_tune_from_weights_and_export_on_two_processes(tmp_path):
     a, b = read_metrics(tmp_path / "sft1"), read_metrics(tmp_path / "sft2")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([a[s]["loss"] for s in a], [b[s]["loss"] for s in a], rtol=2e-5)
+
+
+@pytest.mark.long
+def test_a_killed_process_stops_the_other_with_a_message_naming_it(tmp_path):
+    """Process 1 is killed (SIGKILL) after step 5: process 0 exits PEER_LOST within the heartbeat
+    timeout, saying in mmjax's words which process was lost and where the last checkpoint is."""
+    args = ["train", "--config", TINY, "--workdir", str(tmp_path), "--config.evals={}", FEW]
+    args += [
+        "--config.train.steps=100",
+        "--config.train.save_every=4",
+        "--config.distributed.heartbeat_timeout_s=10",
+    ]
+    args += ["--config.debug.kill_at_step=5", "--config.debug.kill_process=1"]
+    cmd = [LAUNCH, "2", "1", sys.executable, "-m", "mmjax.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines, killed = [], None
+    for line in proc.stderr:  # read as it comes: when the kill happened, by this clock
+        lines.append(line)
+        if killed is None and "debug.kill_at_step: SIGKILL at step 5" in line:
+            killed = time.monotonic()
+    proc.wait(timeout=300)
+    stderr = "".join(lines)
+    assert killed is not None and time.monotonic() - killed < 10 + 20, stderr[
+        -3000:
+    ]  # the timeout, and exits
+    assert "process 1 exited 137" in stderr and "process 0 exited 75" in stderr, stderr[-3000:]
+    ckpt = os.path.join(str(tmp_path), "checkpoints")
+    assert (
+        f"mmjax: process 0 of 2: process 1 stopped (no heartbeat within distributed.heartbeat_timeout_s); "
+        f"this process stopped too. The last complete checkpoint is step 4 in {ckpt}"
+    ) in stderr, stderr[-3000:]
+    assert os.listdir(ckpt) == ["4"]

@@ -435,6 +435,7 @@ class Trainer:
                     writer.write_eval(step, self.evaluate(state, frozen))
                 if kill_at == step:  # fault injection for the resume tests
                     ckpt.wait()
+                    log.warning("debug.kill_at_step: %s at step %d", cfg.debug.kill_signal, step)
                     signal.raise_signal(getattr(signal, cfg.debug.kill_signal))
                 stop = ckpt.reached_preemption(step) if multi else sigterm.is_set()
                 if (save_every and step % save_every == 0) or step == steps or stop:
