@@ -201,6 +201,8 @@ def validate(config, num_devices: int, num_processes: int = 1, num_granules: int
         if tc[key] < 0 or (key == "steps" and tc[key] == 0):
             off = "" if key == "steps" else " (0 turns it off)"
             raise ConfigError(f"train.{key}={tc[key]} must be {'> 0' if key == 'steps' else '>= 0'}{off}")
+    if config.profile.steps < 0 or config.profile.start_step < 1:
+        raise ConfigError(f"profile {dict(config.profile)}: steps must be >= 0 (0 = off) and start_step >= 1")
     if tc.keep < 1:
         raise ConfigError(f"train.keep={tc.keep} must be >= 1 (how many recent checkpoints to keep)")
     if not 0.0 <= tc.ema_decay < 1.0:
@@ -383,6 +385,8 @@ def base() -> ml_collections.ConfigDict:
     c.wandb = ml_collections.ConfigDict(
         dict(enabled=False, project="mmjax", entity="", name="", mode="online", tags=())
     )
+    # A jax.profiler trace of `steps` train steps from `start_step` on, into WORKDIR/profile (0: off).
+    c.profile = ml_collections.ConfigDict(dict(start_step=3, steps=0))
     # Fault injection for tests: a signal at a step (to one process, or -1: all); non-finite inputs from a step on.
     c.debug = ml_collections.ConfigDict(
         dict(kill_at_step=-1, kill_signal="SIGKILL", kill_process=-1, nan_from_step=-1)

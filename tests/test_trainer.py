@@ -1,6 +1,7 @@
 """The trainer end to end: sharding equivalence, resume after SIGKILL / SIGTERM,
 restoring onto another mesh, the NaN guard, accumulation, freezing, EMA, eval CLI."""
 
+import glob
 import os
 import signal
 
@@ -195,7 +196,7 @@ def test_nan_guard_stops_at_the_exact_step_through_fit(tmp_path):
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
 
 
-def test_zero_intervals_mean_off(tmp_path):
+def test_zero_intervals_mean_off_and_a_profile_is_written(tmp_path):
     workdir = str(tmp_path / "run")
     run_mmjax(
         "train",
@@ -207,9 +208,13 @@ def test_zero_intervals_mean_off(tmp_path):
         "--config.train.log_every=0",
         "--config.train.save_every=0",
         "--config.evals={}",
+        "--config.profile.start_step=2",
+        "--config.profile.steps=1",
         FEW,
     )
     assert sorted(read_metrics(workdir)) == [3]
+    traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
 
 

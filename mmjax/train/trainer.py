@@ -410,6 +410,7 @@ class Trainer:
         # SIGTERM handler must stay in place; one process turns SIGTERM into a flag itself.
         sigterm = None if multi else _SigtermFlag()
         progress = metrics_lib.Progress(start, tc.steps, cfg.data.global_batch_size, enabled=lead)
+        profile = _Profile(cfg.profile, self.workdir, enabled=lead)
         last, prev = {}, None
         steps, log_every, save_every, eval_every = tc.steps, tc.log_every, tc.save_every, tc.eval_every
         kill_at, nan_from = cfg.debug.kill_at_step, cfg.debug.nan_from_step  # no ConfigDict lookups per step
@@ -422,7 +423,9 @@ class Trainer:
                     local = {
                         k: v * np.nan if np.issubdtype(v.dtype, np.floating) else v for k, v in local.items()
                     }
+                profile.before(step)
                 state, metrics = compiled(state, frozen, parallel.global_batch(local, self.batch_sharding))
+                profile.after(step, metrics)
                 if prev is not None:  # the previous step is done by now: reading it does not stall this one
                     self._check_streak(prev, step - 1)
                 prev = metrics
@@ -449,6 +452,7 @@ class Trainer:
             if self.evaluators:
                 last.update(writer.write_eval(steps, self.evaluate(state, frozen)))
         finally:
+            profile.close()
             progress.close()
             ckpt.close()
             writer.close()
@@ -477,6 +481,31 @@ def _while_all_have(batches):
         yield local
     if jax.process_count() > 1:
         multihost_utils.process_allgather(np.int32(0))  # the others learn this one is done
+
+
+class _Profile:
+    """`config.profile`: a `jax.profiler` trace of `steps` steps from `start_step` on, written
+    by process 0 to WORKDIR/profile (open with TensorBoard's profile plugin or Perfetto)."""
+
+    def __init__(self, pc, workdir: str, enabled: bool):
+        self.first, self.last = pc.start_step, pc.start_step + pc.steps - 1
+        self.on, self.active, self.dir = enabled and pc.steps > 0, False, f"{workdir}/profile"
+
+    def before(self, step: int):
+        if self.on and step == self.first:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after(self, step: int, out):
+        if self.active and step == self.last:
+            jax.block_until_ready(out)  # the traced steps' device work ends inside the trace
+            self.close()
+            log.info("profile of steps %d..%d written to %s", self.first, self.last, self.dir)
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 class _SigtermFlag:
