@@ -485,7 +485,7 @@ def _while_all_have(batches):
 
 class _Profile:
     """`config.profile`: a `jax.profiler` trace of `steps` steps from `start_step` on, written
-    by process 0 to WORKDIR/profile (open with TensorBoard's profile plugin or Perfetto)."""
+    by process 0 to WORKDIR/profile (open it with XProf or TensorBoard's Profile tab)."""
 
     def __init__(self, pc, workdir: str, enabled: bool):
         self.first, self.last = pc.start_step, pc.start_step + pc.steps - 1
