@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models import remat
 from mmjax.models.layers import Mlp, RMSNorm, dense, interpolate_posemb
 
 Dtype = Any
@@ -223,14 +224,11 @@ class Stack(nn.Module):
     depth: int
     block: Mapping  # block kwargs
     scan: bool = False
-    remat: bool | str = False  # True: save nothing; or a jax.checkpoint_policies name
+    remat: bool | str = False  # models/remat.py: True = 'full', 'dots', 'offload', ...
 
     @nn.compact
     def __call__(self, carry, vec, rope, mask):
-        block_cls = self.block_cls
-        if self.remat:
-            policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
-            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan)
+        block_cls = remat.wrap(self.block_cls, self.remat, scan=self.scan)
         if self.scan:
             block_cls = nn.scan(
                 block_cls,
@@ -269,7 +267,7 @@ class MMDiT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan: bool = False
-    remat: bool | str = False  # True: nn.remat saving nothing; or a jax.checkpoint_policies name
+    remat: bool | str = False  # models/remat.py: True = 'full' (save nothing), 'dots', 'offload', ...
 
     def __post_init__(self):
         if self.positions not in ('rope', 'learned'):

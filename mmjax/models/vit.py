@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models import remat
 from mmjax.models.layers import Attention, LayerNorm, Mlp, dense, interpolate_posemb, sincos2d_posemb
 
 Dtype = Any
@@ -125,15 +126,11 @@ class Encoder(nn.Module):
     depth: int
     block: dict  # EncoderBlock kwargs
     scan: bool = False
-    remat: str = ''  # '' or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+    remat: str = ''  # models/remat.py: '' / 'none', 'full', 'dots', 'offload' or a jax policy name
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        block_cls = EncoderBlock
-        if self.remat:
-            block_cls = nn.remat(
-                block_cls, policy=getattr(jax.checkpoint_policies, self.remat), prevent_cse=not self.scan
-            )
+        block_cls = remat.wrap(EncoderBlock, self.remat, scan=self.scan)
         if self.scan:
             block_cls = nn.scan(
                 block_cls,
