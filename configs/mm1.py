@@ -66,6 +66,8 @@ def _tiny(c):
         ),
         seq_len=128,
         image_slots=4,
+        loss_chunk=0,  # > 0: the LM head + cross-entropy this many positions at a time
+        max_images=0,  # > 0: encode at most this many (non-empty) image slots per batch
         subimages=False,
         tokenizer="",  # '' = the shapes tokenizer shipped with mmjax
         dtype="float32",
@@ -106,9 +108,15 @@ def _full(c, llm, moe=0):
     c.model = dict(
         vision=dict(vit.CLIP_L14, posemb_size=0),  # OpenAI CLIP-L/14-336 as hf-import states it
         connector=dict(kind="c_abstractor", num_tokens=144),
-        llm=dict(**llm, moe=_moe(moe)),
+        # attention 'auto': cuDNN flash attention on GPUs, splash on TPUs (segment ids, no dense mask)
+        llm=dict(**llm, moe=_moe(moe), attention="auto"),
         seq_len=4096,
         image_slots=16,
+        # the LM head and cross-entropy 512 positions at a time: no [B, 4096, V] float32 logits
+        loss_chunk=512,
+        # images encoded per batch (of 512 x 16 slots; empty ones skipped): a batch with more on a
+        # device than its share encodes every slot. Tune from the `image_fill` metric
+        max_images=6144,
         subimages=False,
         tokenizer="",
         dtype="bfloat16",

@@ -66,6 +66,7 @@ def _tiny():
         context_tokens=4,
         soft_prompts=0,
         text_len=24,
+        loss_chunk=0,  # > 0: the LM head + cross-entropy this many positions at a time
         tokenizer="",  # '' = the shapes tokenizer shipped with mmjax
         dtype="float32",
         scan=False,
@@ -83,11 +84,12 @@ def _l14():
     c.data.components = dict(pairs=C.component(view="caption"))
     c.model = dict(
         vision=dict(vit.CLIP_L14, act="gelu"),  # OpenCLIP ViT-L/14 (LAION), as hf-import states it
-        llm=dict(llm.TINYLLAMA_1B),
+        llm=dict(llm.TINYLLAMA_1B, attention="auto"),  # cuDNN / splash kernels on GPU / TPU
         embed_dim=768,
         context_tokens=1,
         soft_prompts=0,
         text_len=50,
+        loss_chunk=0,  # captions of 50 tokens: the full logits are small
         tokenizer="",
         dtype="bfloat16",
         scan=True,

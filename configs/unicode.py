@@ -40,6 +40,7 @@ def _model(scale: str, stage: int):
             llm=dict(vocab_size=512, width=128, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=256),
             num_codes=256,
             seq_len=32 if stage == 1 else 200,  # stage 1: the dual mode's captions; 2: 1 + 64 + 1 + 128 codes
+            loss_chunk=0,  # > 0: the LM head + cross-entropy this many positions at a time
             dtype="float32",
         )
     else:
@@ -60,7 +61,9 @@ def _model(scale: str, stage: int):
                 mlp_dim=11008,
                 scan=True,
                 remat="nothing_saveable",
+                attention="auto",  # cuDNN / splash kernels on GPU / TPU (models/layers.attention_impl)
             ),  # LLaMA-2-7B
+            loss_chunk=256,  # the LM head + cross-entropy 256 positions at a time (no [B, T, V] logits)
             num_codes=16384,
             seq_len=128 if stage == 1 else 1408,  # 1 + 256 + 1 + 1024 codes, and room for the prompt
             dtype="bfloat16",

@@ -6,6 +6,7 @@ Modules know logical axis names only; the trainer maps them to a mesh.
 Every module takes `dtype` (compute) and `param_dtype` (storage, default float32).
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,11 +151,144 @@ class Mlp(nn.Module):
         return dense(self.out_dim or x.shape[-1], ('mlp', 'embed'), name='wo', **kw)(h)
 
 
+ATTENTION_IMPLS = ('xla', 'cudnn', 'splash', 'auto')
+
+
+def attention_impl(name: str, dtype: Dtype = jnp.bfloat16) -> str:
+    """The kernel `name` runs: 'auto' is cuDNN flash attention on a Hopper-or-later GPU (its packed
+    layout needs sm90; 16-bit compute only), splash attention on a TPU, else the dense XLA path."""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f'attention={name!r}; choose one of {", ".join(ATTENTION_IMPLS)}')
+    if name != 'auto':
+        return name
+    backend = jax.default_backend()
+    if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        capability = getattr(jax.devices()[0], 'compute_capability', '0')
+        return 'cudnn' if float(capability) >= 9.0 else 'xla'
+    return 'splash' if backend == 'tpu' else 'xla'
+
+
+def segment_mask(segment_ids: jax.Array, is_causal: bool) -> jax.Array:
+    """[B, 1, T, T] bool: same segment (and key <= query when causal), the dense reference."""
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if is_causal:
+        T = segment_ids.shape[1]
+        mask = mask & jnp.tril(jnp.ones((T, T), bool))
+    return mask[:, None]
+
+
+def packed_offsets(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout of rows of contiguous segments [B, T]: (seqlen [B, T], offsets [B, T + 1])
+    int32, each run of equal ids (padding's included) a segment; unused entries -1."""
+    B, T = segment_ids.shape
+    start = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    starts = jax.vmap(lambda s: jnp.nonzero(s, size=T + 1, fill_value=-1)[0])(start).astype(jnp.int32)
+    ends = jnp.where(starts[:, 1:] >= 0, starts[:, 1:], T)
+    seqlen = jnp.where(starts[:, :-1] >= 0, ends - starts[:, :-1], -1).astype(jnp.int32)
+    return seqlen, starts
+
+
+def _cudnn(q, k, v, segment_ids, is_causal, scale):
+    """cuDNN flash attention; segment ids become its packed (THD) layout (needs sm90+)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # packing is not in jax.nn's API yet
+
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, implementation='cudnn')
+    seqlen, offsets = packed_offsets(segment_ids)
+    kind = fa.MaskType.PADDING_CAUSAL if is_causal else fa.MaskType.PADDING
+    return fa.dot_product_attention(
+        q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+        scale=scale, mask_type=kind, qkv_layout='BTNH',
+    )  # fmt: skip
+
+
+def _block(T: int) -> int:
+    for b in (512, 256, 128):
+        if T % b == 0:
+            return b
+    raise ValueError(f'splash attention needs a length that is a multiple of 128, got {T}')
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(T: int, group: int, is_causal: bool, interpret: bool):
+    """(the MQA kernel of `group` query heads over T tokens, SegmentIds); cached: its mask info is
+    computed on the host."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    one = sm.CausalMask((T, T)) if is_causal else sm.FullMask((T, T))
+    b = _block(T)
+    sizes = sk.BlockSizes(*(b,) * 8)  # q, kv, kv_compute; dkv: q, kv, kv_compute; dq: q, kv
+    mask = sm.MultiHeadMask([one] * group)
+    with jax.ensure_compile_time_eval():  # concrete mask arrays: the cached kernel outlives this trace
+        kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    return kernel, sk.SegmentIds
+
+
+def _splash(q, k, v, segment_ids, is_causal, scale):
+    """TPU splash attention (Pallas interpret mode elsewhere): one MQA kernel per kv head, over the
+    group of query heads that shares it; shard_map'ed over batch and heads under a mesh."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    kernel, SegmentIds = _splash_kernel(T, N // K, is_causal, jax.default_backend() != 'tpu')
+    seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+    def run(q, k, v, seg):
+        b, t, n, h = q.shape
+        kk = k.shape[2]
+        qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kk, n // kk, h).transpose(0, 2, 3, 1, 4)
+        kh, vh = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, T, H]
+        one = lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(s, s))  # noqa: E731
+        heads = jax.vmap(one, in_axes=(0, 0, 0, None))  # over kv heads
+        out = jax.vmap(heads)(qh, kh, vh, seg)  # [B, K, G, T, H]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return run(q, k, v, seg)
+    spec = nn.logical_to_mesh_axes(('batch', 'length', 'act_heads', 'act_kv'))
+    spec = jax.sharding.PartitionSpec(*spec, *(None,) * (4 - len(spec)))
+    if spec[1] is not None or spec[3] is not None:
+        raise ValueError(f'splash attention shards batch and heads only; activations are {spec}')
+    seg_spec = jax.sharding.PartitionSpec(spec[0], None)
+    specs = dict(in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
+    return jax.shard_map(run, mesh=mesh, **specs)(q, k, v, seg)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    implementation: str = 'xla',
+) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H]. `segment_ids` [B, T] (self-attention, S == T):
+    a query sees keys of its own segment. The fused kernels ('cudnn', 'splash') take causality and
+    segments as such, never a [B, 1, T, S] mask; with a `mask` or `bias`, on 'xla', or for splash a
+    length that is not a multiple of 128, the dense path runs (the segments as a mask). cuDNN's
+    packed layout needs contiguous segments (packed rows)."""
+    impl = attention_impl(implementation, q.dtype)
+    if impl == 'splash' and q.shape[1] % 128:
+        impl = 'xla'  # splash tiles the sequence in blocks of 128
+    if impl == 'xla' or mask is not None or bias is not None:
+        if segment_ids is not None:
+            seg = segment_mask(segment_ids, is_causal)
+            mask, is_causal = seg if mask is None else mask & seg, False
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
+    fused = _cudnn if impl == 'cudnn' else _splash
+    return fused(q, k, v, segment_ids, is_causal, 1.0 / math.sqrt(q.shape[-1]))
+
+
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) attention with separate `q`/`k`/`v`/`out` projections.
 
-    Kernels: q/k/v [embed, heads, kv], out [heads, kv, embed]. The core is
-    `jax.nn.dot_product_attention` (default implementation, so GPUs may pick cuDNN).
+    Kernels: q/k/v [embed, heads, kv], out [heads, kv, embed]. The core is `dot_product_attention`:
+    `implementation` 'xla' (dense, `jax.nn.dot_product_attention`'s XLA path), 'cudnn', 'splash' or
+    'auto' (`attention_impl`).
     """
 
     num_heads: int
@@ -166,6 +300,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
+    implementation: str = 'xla'
 
     @nn.compact
     def __call__(
@@ -176,12 +311,14 @@ class Attention(nn.Module):
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         is_causal: bool = False,
+        segment_ids: jax.Array | None = None,
         qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
         cache: dict[str, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """inputs_q [B, T, Dq], inputs_kv [B, S, Dkv] (None: self-attention) -> [B, T, out_dim].
 
         mask: bool, broadcastable to [B, heads, T, S] (True = attend); bias: additive logits bias.
+        segment_ids [B, T]: self-attention within segments (see `dot_product_attention`).
         qk_fn: hook applied to (q, k) of shape [B, T|S, heads, kv] before attention (e.g. RoPE).
         cache: KV-cache decoding, {'k', 'v': [B, S_max, kv_heads, kv], 'index': int scalar}: this
           call's k/v (after qk_fn) are written at slots [index, index + S) and the queries attend
@@ -210,7 +347,10 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), at)
             v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), at)
             cache = {'k': k, 'v': v}
-        x = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
+        x = dot_product_attention(
+            q, k, v, mask=mask, bias=bias, is_causal=is_causal, segment_ids=segment_ids,
+            implementation='xla' if self.is_initializing() else self.implementation,
+        )  # fmt: skip
         x = nn.with_logical_constraint(x, names)
         out = dense(
             self.out_dim or inputs_q.shape[-1],

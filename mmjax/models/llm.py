@@ -34,7 +34,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 from mmjax.models import moe as moe_lib
-from mmjax.models.layers import Attention, Mlp, RMSNorm, dense
+from mmjax.models.layers import ATTENTION_IMPLS, Attention, Mlp, RMSNorm, attention_impl, dense
 from mmjax.models.rope import apply_rope, cos_sin, rope_type
 
 Dtype = Any
@@ -70,9 +70,11 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     keep_hidden: bool = False  # aux['hidden']: this block's output (LLM.hidden_layer)
+    attention: str = 'xla'  # LLM.attention
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, index, tokens_mask):
+    def __call__(self, x, cache, cos, sin, masks, index, tokens_mask):
+        """masks: {'mask': [B, 1, T, S]} (dense) or {'segment_ids': [B, T]} (causal, fused kernels)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rope = lambda q, k: (apply_rope(q, cos, sin), apply_rope(k, cos, sin))  # noqa: E731
         attn = Attention(
@@ -81,14 +83,16 @@ class Block(nn.Module):
             head_dim=self.head_dim,
             qkv_bias=self.qkv_bias,
             out_bias=self.out_bias,
+            implementation=self.attention,
             name='attn',
             **kw,
         )
         y = RMSNorm(epsilon=self.norm_eps, name='attn_norm', **kw)(x)
+        causal = 'segment_ids' in masks
         if cache is None:
-            y = attn(y, mask=mask, qk_fn=rope)
+            y = attn(y, **masks, is_causal=causal, qk_fn=rope)
         else:
-            y, cache = attn(y, mask=mask, qk_fn=rope, cache={**cache, 'index': index})
+            y, cache = attn(y, **masks, is_causal=causal, qk_fn=rope, cache={**cache, 'index': index})
         x = x + y
         y = RMSNorm(epsilon=self.norm_eps, name='mlp_norm', **kw)(x)
         aux = {}
@@ -112,7 +116,7 @@ class Decoder(nn.Module):
     moe: Mapping | None = None  # LLM.moe: blocks every-1, 2*every-1, ... are MoE
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, index, tokens_mask):
+    def __call__(self, x, cache, cos, sin, masks, index, tokens_mask):
         block_cls = Block
         if self.remat:
             block_cls = nn.remat(
@@ -128,7 +132,7 @@ class Decoder(nn.Module):
                 metadata_params={nn.PARTITION_NAME: 'layers'},
             )
             x, (cache, aux) = block_cls(**self.block, moe=self.moe, name='blocks')(
-                x, cache, cos, sin, mask, index, tokens_mask
+                x, cache, cos, sin, masks, index, tokens_mask
             )
             return x, cache, aux
         layers, auxs = [], []
@@ -136,7 +140,7 @@ class Decoder(nn.Module):
             layer = None if cache is None else jax.tree.map(lambda c: c[i], cache)
             moe = self.moe if self.moe and (i + 1) % self.moe['every'] == 0 else None
             x, (layer, aux) = block_cls(**self.block, moe=moe, name=f'block_{i}')(
-                x, layer, cos, sin, mask, index, tokens_mask
+                x, layer, cos, sin, masks, index, tokens_mask
             )
             layers.append(layer)
             if aux:
@@ -154,6 +158,12 @@ class LLM(nn.Module):
     positions [B, T]: RoPE positions (default: arange, offset by the cache index when decoding);
       restart them per packed document. attention_mask [B, T]: False = padding key.
     segment_ids [B, T]: packed documents; a token attends only within its own segment.
+    attention: 'xla' (a dense [B, 1, T, S] mask), 'cudnn', 'splash' or 'auto' (layers.attention_impl):
+      the fused kernels get causality + segment ids (attention_mask False = segment 0) instead; the
+      outputs at real tokens are the same, those at padding differ (padding attends to padding).
+      Cached decoding always takes the dense path. cuDNN needs contiguous segments (packed rows).
+    return_hidden=True (call): the final-normed hidden states [B, T, D] in place of the logits, for
+      a chunked loss over `logits` (objectives.cross_entropy.chunked_token_cross_entropy).
     """
 
     vocab_size: int = 32000
@@ -176,11 +186,14 @@ class LLM(nn.Module):
     remat: str = ''
     moe: Mapping | None = None  # mixture-of-experts FFNs, keys of moe.DEFAULTS (module docstring)
     hidden_layer: int = -1  # aux['hidden']: -1 the last after final_norm, k in [0, depth) layer k's
+    attention: str = 'xla'  # the attention kernel (class docstring)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping) and not isinstance(self.rope_scaling, FrozenDict):
             object.__setattr__(self, 'rope_scaling', FrozenDict(self.rope_scaling))  # hashable: jit-static
         rope_type(self.rope_scaling)
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f'attention={self.attention!r}; choose one of {", ".join(ATTENTION_IMPLS)}')
         if self.moe is not None:
             unknown = set(self.moe) - set(moe_lib.DEFAULTS)
             if unknown:
@@ -226,6 +239,7 @@ class LLM(nn.Module):
             out_bias=self.out_bias,
             mlp_bias=self.mlp_bias,
             keep_hidden=self.hidden_layer > 0,
+            attention=self.attention,
             **kw,
         )
         self.decoder = Decoder(self.depth, FrozenDict(block), scan=self.scan, remat=self.remat, moe=self.moe)
@@ -237,6 +251,11 @@ class LLM(nn.Module):
         """tokens [B, T] -> input embeddings [B, T, D] (for splicing images in before `__call__`)."""
         return self.embedder(tokens)
 
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] -> float32 logits [..., vocab] (the LM head)."""
+        logits = self.embedder.attend(h) if self.tie_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
     def __call__(
         self,
         tokens: jax.Array | None = None,
@@ -246,6 +265,7 @@ class LLM(nn.Module):
         segment_ids: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: dict | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         assert (tokens is None) != (embeddings is None), 'pass exactly one of tokens and embeddings'
         x = self.embedder(tokens) if embeddings is None else embeddings.astype(self.dtype)
@@ -260,15 +280,18 @@ class LLM(nn.Module):
             assert segment_ids is None, 'segment_ids are for packed training sequences, not cached decoding'
             keys = jax.lax.dynamic_update_slice(cache['valid'], keys, (0, index))
             slots = index + jnp.arange(T)
-        mask = make_mask(slots, keys, segment_ids)
+        if cache is None and attention_impl(self.attention, self.dtype) != 'xla':
+            segments = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            masks = {'segment_ids': jnp.where(keys, segments, 0)}
+        else:
+            masks = {'mask': make_mask(slots, keys, segment_ids)[:, None]}
         if positions is None:
             positions = jnp.broadcast_to(slots, (B, T))
         cos, sin = cos_sin(positions, self.head_size, self.rope_theta, self.rope_scaling)
         layers = None if cache is None else {'k': cache['k'], 'v': cache['v']}
         x0 = x
-        x, layers, moe = self.decoder(x, layers, cos, sin, mask[:, None], index, tokens_mask)
+        x, layers, moe = self.decoder(x, layers, cos, sin, masks, index, tokens_mask)
         h = self.final_norm(x)
-        logits = self.embedder.attend(h) if self.tie_embeddings else self.lm_head(h)
         aux = {'hidden': h}
         if self.hidden_layer >= 0:
             aux['hidden'] = moe.pop('hidden')[self.hidden_layer - 1] if self.hidden_layer else x0
@@ -278,7 +301,7 @@ class LLM(nn.Module):
             aux['moe_metrics'] = {k: v if k == 'expert_load' else v.mean() for k, v in moe.items()}
         if cache is not None:
             aux['cache'] = {**layers, 'valid': keys, 'index': index + T}
-        return logits.astype(jnp.float32), aux
+        return (h if return_hidden else self.logits(h)), aux
 
 
 def make_mask(slots: jax.Array, keys: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

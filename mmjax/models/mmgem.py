@@ -87,13 +87,19 @@ class MMGEM(nn.Module):
             prompts = self.llm.embed(jnp.full((len(v), 1), self.cap_id, jnp.int32))
         return jnp.concatenate([context, prompts.astype(context.dtype)], 1)
 
-    def caption_logits(self, v: jax.Array, targets: jax.Array, soft: bool = False) -> jax.Array:
-        """Teacher-forced logits [B, T, V] for the caption targets [B, T] (text, EOS, padding)."""
+    def caption_logits(
+        self, v: jax.Array, targets: jax.Array, soft: bool = False, return_hidden: bool = False
+    ) -> jax.Array:
+        """Teacher-forced logits [B, T, V] for the caption targets [B, T] (text, EOS, padding); with
+        return_hidden, the final-normed hidden states [B, T, D] that `logits` maps to them."""
         prompt = self.caption_prompt(v, soft)
         x = jnp.concatenate([prompt, self.llm.embed(targets).astype(prompt.dtype)], 1)
-        logits, _ = self.llm(embeddings=x)
+        out, _ = self.llm(embeddings=x, return_hidden=return_hidden)
         n = prompt.shape[1]
-        return logits[:, n - 1 : n - 1 + targets.shape[1]]
+        return out[:, n - 1 : n - 1 + targets.shape[1]]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return self.llm.logits(h)
 
     def __call__(self, images, boxes, tokens, mask, targets):
         """Every path once (init)."""

@@ -69,9 +69,13 @@ class UniCode(nn.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.llm.embed(tokens)
 
-    def lm(self, embeddings: jax.Array, mask: jax.Array) -> jax.Array:
-        """Logits [B, T, V] of input embeddings [B, T, E] (padding keys masked)."""
-        return self.llm(embeddings=embeddings, attention_mask=mask)[0]
+    def lm(self, embeddings: jax.Array, mask: jax.Array, return_hidden: bool = False) -> jax.Array:
+        """Logits [B, T, V] of input embeddings [B, T, E] (padding keys masked); with return_hidden,
+        the final-normed hidden states [B, T, E] that `logits` maps to them."""
+        return self.llm(embeddings=embeddings, attention_mask=mask, return_hidden=return_hidden)[0]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return self.llm.logits(h)
 
     def __call__(self, images: jax.Array, tokens: jax.Array):
         """Touches every parameter (what `init` runs): reconstruction and logits."""

@@ -24,7 +24,7 @@ from mmjax.eval import captioning, vqa
 from mmjax.eval.few_shot import FewShot
 from mmjax.models import vlm
 from mmjax.models.vlm import VLM
-from mmjax.objectives.cross_entropy import masked_cross_entropy
+from mmjax.objectives.cross_entropy import masked_chunked_cross_entropy
 from mmjax.objectives.reduce import Mean, Sum
 from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
 from mmjax.sampling import decode
@@ -182,7 +182,7 @@ class Score:
 
 def module_kwargs(module) -> dict:
     """A module's architecture fields (not its dtype, scan or remat), as a weights folder states them."""
-    skip = {"parent", "name", "dtype", "param_dtype", "scan", "remat"}
+    skip = {"parent", "name", "dtype", "param_dtype", "scan", "remat", "attention"}
     out = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in skip}
     return {k: (dict(v) if hasattr(v, "items") else v) for k, v in out.items()}
 
@@ -282,16 +282,23 @@ class Recipe(BaseRecipe):
 
     def loss(self, params, batch, ctx):
         seg = batch["tokens_segment_ids"]
-        logits, aux = self.model.apply(
+        slots = batch.get("images_segment_ids")  # the packer's: 0 = an empty image slot
+        hidden, aux = self.model.apply(
             {"params": params},
             batch["tokens"],
             to_float(batch["images"]),
+            None if slots is None else slots > 0,
             positions=batch["tokens_positions"],
             segment_ids=seg,
+            return_hidden=True,
         )
         mask = batch["loss_mask"] * (seg > 0)
-        text, ce = masked_cross_entropy(logits, batch["targets"], mask)
+        head = lambda h: self.model.apply({"params": params}, h, method=VLM.logits)  # noqa: E731
+        chunk = self.config.model.get("loss_chunk", 0)
+        text, ce = masked_chunked_cross_entropy(head, hidden, batch["targets"], mask, chunk)
         metrics = {"text_loss": text, "tokens": Sum(text.weight), "fill": Mean.of(seg > 0)}
+        if slots is not None:  # the share of image slots holding an image (model.max_images)
+            metrics["image_fill"] = Mean.of(slots > 0)
         for c, name in enumerate(self.names):
             m = mask * (batch["component"] == c)
             metrics[f"loss/{name}"] = Mean.of(ce, m)

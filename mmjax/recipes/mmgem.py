@@ -23,7 +23,7 @@ from mmjax.data import pipeline, shapes, tokenizer as tok_lib
 from mmjax.eval import artefacts, captioning, retrieval
 from mmjax.models import mmgem
 from mmjax.objectives import contrastive
-from mmjax.objectives.cross_entropy import masked_cross_entropy
+from mmjax.objectives.cross_entropy import masked_chunked_cross_entropy
 from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
 from mmjax.sampling import decode
 
@@ -173,10 +173,19 @@ class Recipe(BaseRecipe):
             metrics.update(emb_loss=emb, logit_scale=scale, i2t_accuracy=hit.mean())
             total = total + emb
         if "caption" in tasks or "region_caption" in tasks:
-            logits = self._apply(
-                params, mmgem.MMGEM.caption_logits, v, batch["cap_targets"], soft=self.region
+            hidden = self._apply(
+                params,
+                mmgem.MMGEM.caption_logits,
+                v,
+                batch["cap_targets"],
+                soft=self.region,
+                return_hidden=True,
             )
-            gen, _ = masked_cross_entropy(logits, batch["cap_targets"], batch["cap_mask"])
+            head = lambda h: self._apply(params, mmgem.MMGEM.logits, h)  # noqa: E731
+            chunk = self.config.model.get("loss_chunk", 0)
+            gen, _ = masked_chunked_cross_entropy(
+                head, hidden, batch["cap_targets"], batch["cap_mask"], chunk
+            )
             metrics["gen_loss"] = gen
             total = total + gen.value()
         return total, metrics

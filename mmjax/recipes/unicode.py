@@ -39,7 +39,7 @@ from mmjax.data import pipeline, tokenizer as tok_lib
 from mmjax.eval import artefacts, captioning, shapes_eval, vqa
 from mmjax.models import llm as llm_lib, unicode, vq
 from mmjax.objectives import quantization as Q
-from mmjax.objectives.cross_entropy import masked_cross_entropy
+from mmjax.objectives.cross_entropy import masked_chunked_cross_entropy
 from mmjax.objectives import reduce
 from mmjax.objectives.reduce import Mean
 from mmjax.recipes.base import Evaluator, Export, Recipe as BaseRecipe
@@ -301,9 +301,11 @@ class Recipe(BaseRecipe):
     def lm_loss(self, params, batch):
         emb, ids = self.sequence(params, batch)
         mask = batch["mask"]
-        logits = self._apply(params, unicode.UniCode.lm, emb[:, :-1], mask[:, :-1])
+        hidden = self._apply(params, unicode.UniCode.lm, emb[:, :-1], mask[:, :-1], True)
         weight = batch["train"][:, 1:] & mask[:, 1:]
-        loss, ce = masked_cross_entropy(logits, ids[:, 1:], weight)
+        head = lambda h: self._apply(params, unicode.UniCode.logits, h)  # noqa: E731
+        chunk = self.config.model.get("loss_chunk", 0)
+        loss, ce = masked_chunked_cross_entropy(head, hidden, ids[:, 1:], weight, chunk)
         metrics = {"text_loss": loss}
         if self.config.model.stage == 2:
             for c, name in enumerate(self.names):
