@@ -34,6 +34,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 from mmjax.models import moe as moe_lib
+from mmjax.models import remat as remat_lib
 from mmjax.models.layers import ATTENTION_IMPLS, Attention, Mlp, RMSNorm, attention_impl, dense
 from mmjax.models.rope import apply_rope, cos_sin, rope_type
 
@@ -112,16 +113,12 @@ class Decoder(nn.Module):
     depth: int
     block: Mapping  # Block kwargs
     scan: bool = False
-    remat: str = ''  # '' or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+    remat: str = ''  # models/remat.py
     moe: Mapping | None = None  # LLM.moe: blocks every-1, 2*every-1, ... are MoE
 
     @nn.compact
     def __call__(self, x, cache, cos, sin, masks, index, tokens_mask):
-        block_cls = Block
-        if self.remat:
-            block_cls = nn.remat(
-                block_cls, policy=getattr(jax.checkpoint_policies, self.remat), prevent_cse=not self.scan
-            )
+        block_cls = remat_lib.wrap(Block, self.remat, scan=self.scan)
         if self.scan:
             block_cls = nn.scan(
                 block_cls,
@@ -183,7 +180,7 @@ class LLM(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan: bool = False
-    remat: str = ''
+    remat: str = ''  # models/remat.py: '' / 'none', 'full', 'dots', 'offload' or a jax policy name
     moe: Mapping | None = None  # mixture-of-experts FFNs, keys of moe.DEFAULTS (module docstring)
     hidden_layer: int = -1  # aux['hidden']: -1 the last after final_norm, k in [0, depth) layer k's
     attention: str = 'xla'  # the attention kernel (class docstring)
