@@ -40,11 +40,17 @@ _JAX_NAME = {
 _ANNOUNCE = re.compile(r"^mmjax: distributed: process (\d+) of (\d+), coordinator (\S+)")
 
 
+def settings(config):
+    """`config.distributed`; a pipeline's (a config of stages) is its first stage's."""
+    return config.distributed if "distributed" in config else config[config.stages[0]].distributed
+
+
 def requested(config) -> bool:
     """Whether this run is one process of several: the config or the launcher says so."""
+    d = settings(config)
     return bool(
-        config.distributed.enabled
-        or config.distributed.coordinator
+        d.enabled
+        or d.coordinator
         or os.environ.get("MMJAX_DISTRIBUTED") in ("1", "auto")
         or os.environ.get(ENV["coordinator"])
     )
@@ -52,13 +58,13 @@ def requested(config) -> bool:
 
 def should_supervise(config) -> bool:
     """One process of several, not yet under its supervisor (`supervise` starts the child)."""
-    return requested(config) and config.distributed.supervise and not os.environ.get("MMJAX_SUPERVISED")
+    return requested(config) and settings(config).supervise and not os.environ.get("MMJAX_SUPERVISED")
 
 
 def init_kwargs(config) -> dict:
     """`jax.distributed.initialize` arguments: the config's overrides, else the launcher's
     variables, else (absent) JAX's cluster detection; always the config's timeouts."""
-    d = config.distributed
+    d = settings(config)
     kw = dict(
         initialization_timeout=int(d.initialization_timeout_s),
         heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),

@@ -2,8 +2,10 @@
 variables, the hybrid (DCN x ICI) mesh shapes and their errors, and the supervisor's account of the
 ways JAX's coordination service ends a run (texts as JAX 0.10 prints them)."""
 
+import os
+
 import pytest
-from conftest import TINY
+from conftest import ROOT, TINY
 
 from mmjax import config as config_lib, distributed
 from mmjax.config import ConfigError
@@ -63,6 +65,11 @@ def test_initialize_arguments_come_from_the_config_then_the_launcher(monkeypatch
     monkeypatch.delenv("MMJAX_DISTRIBUTED", raising=False)
     cfg = config_lib.load(TINY, ["distributed.heartbeat_timeout_s=15"])
     assert not distributed.requested(cfg)  # one process: nothing to start
+    pipeline = config_lib.load(os.path.join(ROOT, "configs", "mm1.py:tiny_pipeline"), [])
+    assert (
+        not distributed.requested(pipeline)
+        and distributed.init_kwargs(pipeline)["heartbeat_timeout_seconds"] == 100
+    )
     assert distributed.init_kwargs(cfg) == dict(
         initialization_timeout=300, heartbeat_timeout_seconds=15, shutdown_timeout_seconds=300
     )  # the rest is JAX's cluster detection (SLURM, TPU pods, GKE TPU, Open MPI)
