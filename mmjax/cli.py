@@ -5,6 +5,7 @@
   mmjax sample --config ... --workdir DIR (--prompt TEXT | --prompts FILE) [--image REF.png] --out OUT
   mmjax export --config ... --workdir DIR [--part NAME] [--out DST]   # a weights folder (config.init)
   mmjax check  --config ...                          # validate, init abstractly, compile the step
+  mmjax plan   --config ... (--devices N | --topology v5e:4x4) [--memory-gb 16]  # memory, FLOPs, what fits
   mmjax plot   DIR [--out PNG]                       # the loss curves of a run (also written after training)
   mmjax convert hf-import SRC DST   # local HF folder (safetensors) -> mmjax weights (config.init)
   mmjax convert hf-export SRC DST   # mmjax LLM weights -> a folder transformers loads
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--image", default="", help="a reference image (PNG/JPEG) for every prompt")
             p.add_argument("--num-samples", type=int, default=1, help="outputs per prompt")
             p.add_argument("--out", required=True, help="output folder")
+    from mmjax import plan
+
+    plan.add_parser(sub)
     p = sub.add_parser("plot", help="plot a run's loss curves to a PNG")
     p.add_argument("workdir")
     p.add_argument("--out", default="", help="default: WORKDIR/loss.png")
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return convert(args.direction, args.src, args.dst)
     if args.command == "data":
         return data_command(args)
+    if args.command == "plan":
+        from mmjax import plan
+
+        return plan.main(args, overrides)
     from mmjax import config as config_lib, distributed
 
     if args.command == "plot":

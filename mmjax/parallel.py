@@ -26,22 +26,29 @@ def granules(devices) -> int:
     return len({d.slice_index if _by_slice(devices) else d.process_index for d in devices})
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-    """The config's mesh over every device; with `mesh_dcn`, a hybrid mesh whose DCN part spans
-    slices or hosts and whose ICI part stays within one (`mesh_utils.create_hybrid_device_mesh`)."""
-    devices = jax.devices()
-    n = granules(devices)
-    shape = config_lib.validate(config, len(devices), jax.process_count(), n)
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+    """The config's mesh over `devices` (default: every device; `mmjax plan` passes a TPU slice's
+    compile-only ones); with `mesh_dcn`, a hybrid mesh whose DCN part spans slices or hosts and
+    whose ICI part stays within one (`mesh_utils.create_hybrid_device_mesh`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n, hosts = granules(devices), len({d.process_index for d in devices})
+    shape = config_lib.validate(config, len(devices), hosts, n)
     names, auto = tuple(shape), (jax.sharding.AxisType.Auto,) * len(shape)
     within, across = config_lib.mesh_shapes(config, len(devices), n)
-    if math.prod(across.values()) == 1:
-        return jax.make_mesh(tuple(shape.values()), names, axis_types=auto)
-    grid = mesh_utils.create_hybrid_device_mesh(
-        [within[k] for k in names],
-        [across[k] for k in names],
-        devices,
-        process_is_granule=not _by_slice(devices),
-    )
+    if math.prod(across.values()) > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [within[k] for k in names],
+            [across[k] for k in names],
+            devices,
+            process_is_granule=not _by_slice(devices),
+        )
+    else:
+        try:
+            return jax.make_mesh(tuple(shape.values()), names, axis_types=auto, devices=devices)
+        except NotImplementedError:  # an axis no product of a TPU slice's axes (8 on 4x4x4): split one
+            grid = mesh_utils.create_device_mesh(
+                tuple(shape.values()), devices, allow_split_physical_axes=True
+            )
     return jax.sharding.Mesh(grid, names, axis_types=auto)
 
 

@@ -19,6 +19,16 @@ _NAMED = {
 }
 
 
+ORDER = ('none', 'dots', 'full')  # least to most recomputation (`mmjax plan --memory-gb` tries them in turn)
+_ALIASES = {'': 'none', False: 'none', None: 'none', True: 'full', 'nothing_saveable': 'full'}
+_ALIASES['dots_with_no_batch_dims_saveable'] = 'dots'
+
+
+def canonical(name) -> str:
+    """The ORDER name of a remat setting where it has one ('nothing_saveable' is 'full'), else itself."""
+    return _ALIASES.get(name, name)
+
+
 def policy(name: str):
     """The `jax.checkpoint` policy of `name`; a ValueError lists the choices."""
     if name in _NAMED:
@@ -34,6 +44,6 @@ def policy(name: str):
 
 def wrap(block_cls, name: str | bool, *, scan: bool):
     """`block_cls` rematerialised by `name` (True: 'full'), or unchanged for '' / 'none' / False."""
-    if name in ('', 'none', False, None):
+    if canonical(name) == 'none':
         return block_cls
-    return nn.remat(block_cls, policy=policy('full' if name is True else name), prevent_cse=not scan)
+    return nn.remat(block_cls, policy=policy(canonical(name)), prevent_cse=not scan)

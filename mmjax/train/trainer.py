@@ -51,9 +51,11 @@ class Preempted(SystemExit):
 
 
 class Trainer:
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, mesh: jax.sharding.Mesh | None = None):
+        """`mesh`: one built (and the config validated) by the caller, e.g. over a TPU topology's
+        compile-only devices (mmjax/plan.py); default: the config's mesh over jax.devices()."""
         self.config, self.workdir = config, str(workdir)
-        self.mesh = parallel.make_mesh(config)  # validates the config first
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(config)  # validates the config first
         self.rules = parallel.rules(config)
         self.recipe = recipes.get(config)
         self.base_key = jax.random.key(config.seed)
