@@ -11,7 +11,8 @@ then the LLM trained over unified sequences of words and codes.
 - 'dual' (dual alternating): the codebook is the LLM's rows, and both write them: even steps train
   the tokenizer with a codebook loss ||sg(z) - q||^2 into the table, odd steps the LLM on the
   components' captions (language modelling); one optimizer, so its moments carry across. Only the
-  step's half computes; `llm_step` says which, the other half's metrics read 0.
+  step's half computes (on a CPU both run and the parity picks one); `llm_step` says which, the
+  other half's metrics read 0.
 Loss: mean squared reconstruction error + beta x commitment (beta 0.25) (+ the codebook loss).
 
 `model.stage` 2: the tokenizer, codebook and code map frozen; the LLM (and the connector, which
@@ -328,7 +329,13 @@ class Recipe(BaseRecipe):
             loss, metrics = halves[i]()
             return loss, {**empty, **reduce.additive(metrics), "llm_step": jnp.float32(i)}
 
-        return jax.lax.cond(ctx.step % 2 == 0, lambda: run(0), lambda: run(1))
+        even = ctx.step % 2 == 0
+        if jax.default_backend() != "cpu":
+            return jax.lax.cond(even, lambda: run(0), lambda: run(1))
+        # XLA:CPU runs a convolution inside a conditional's branch on a slow path (its gradient 43x
+        # slower, BENCHMARKS.md section 16): there both halves run and the parity picks one, which
+        # gives the same updates (the other half's gradient is zero) and the same metrics
+        return jax.tree.map(lambda a, b: jnp.where(even, a, b), run(0), run(1))
 
     def tokenizer_loss(self, params, batch, ctx):
         """Reconstruction + commitment (+ the dual mode's codebook loss into the table); the
