@@ -148,19 +148,10 @@ def plan_one(config, devices) -> dict:
         need = re.search(r"temporaries \(([\d.]+)G\)", msg)
         out.update(oom=msg, compile_s=round(time.perf_counter() - start, 1), compiler_flops_per_device=None)
         return {**out, **({"temp_bytes": float(need.group(1)) * GiB} if need else {})}
-    stats = compiled.memory_analysis()
-    if stats is not None:
-        out.update(
-            argument_bytes=stats.argument_size_in_bytes,
-            output_bytes=stats.output_size_in_bytes,
-            alias_bytes=stats.alias_size_in_bytes,
-            temp_bytes=stats.temp_size_in_bytes,
-            # arguments + outputs not donated into them + scratch: what the step holds at once
-            peak_bytes=stats.argument_size_in_bytes
-            + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes,
-        )
+    stats = trainer_lib.memory_stats(compiled)
+    if stats:  # arguments + outputs not donated into them + scratch: what the step holds at once
+        peak = stats["argument_bytes"] + stats["output_bytes"] - stats["alias_bytes"] + stats["temp_bytes"]
+        out.update(stats, peak_bytes=peak)
     out.update(compiler_flops_per_device=_flops(compiled), compile_s=round(time.perf_counter() - start, 1))
     return out
 

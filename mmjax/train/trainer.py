@@ -261,7 +261,8 @@ class Trainer:
                 self.recipe.update_state(state.model_state, stats, ctx) if stats else state.model_state
             )
             params = self.recipe.constrain(
-                tree.unflat({**flat, **optax.apply_updates(trainable, updates)}), ctx.replace(state=model_state)
+                tree.unflat({**flat, **optax.apply_updates(trainable, updates)}),
+                ctx.replace(state=model_state),
             )
             new = tree.flat(params)
             ema = {n: decay * e + (1 - decay) * new[n] for n, e in state.ema.items()}
@@ -527,16 +528,21 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def log_memory(compiled, num_params: int) -> dict:
+def memory_stats(compiled) -> dict:
+    """The compiled step's per-device bytes (arguments, outputs, temporaries, donated), if known."""
     stats = compiled.memory_analysis()
-    info = {"params": num_params}
-    if stats is not None:
-        info.update(
-            argument_bytes=stats.argument_size_in_bytes,
-            output_bytes=stats.output_size_in_bytes,
-            temp_bytes=stats.temp_size_in_bytes,
-            alias_bytes=stats.alias_size_in_bytes,
-        )
+    if stats is None:
+        return {}
+    return dict(
+        argument_bytes=stats.argument_size_in_bytes,
+        output_bytes=stats.output_size_in_bytes,
+        temp_bytes=stats.temp_size_in_bytes,
+        alias_bytes=stats.alias_size_in_bytes,
+    )
+
+
+def log_memory(compiled, num_params: int) -> dict:
+    info = {"params": num_params, **memory_stats(compiled)}
     if jax.process_index() == 0:
         print("compiled train step, per device: " + json.dumps(info), flush=True)
     return info
