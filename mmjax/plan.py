@@ -185,13 +185,14 @@ def _with(config, overrides: dict):
 
 def candidates(config, n: int) -> list[dict]:
     """Overrides to try, in order: none (the config as it is); larger fsdp sizes (powers of two
-    times the config's, data = the rest: the data-parallel size and the per-device batch stay);
+    times the config's resolved one, data = the rest: the data-parallel size and the per-device batch stay);
     each stronger remat policy (every model.*.remat) over those fsdp sizes; last, at the largest
     fsdp and strongest remat, train.grad_accum doubled (smaller micro-batches, the same batch)."""
     from mmjax import config as config_lib
 
-    fixed = math.prod(v for k, v in config.mesh.items() if k not in ("data", "fsdp") and v > 0)
-    f, sizes = max(config.mesh.fsdp, 1), []
+    shape = config_lib.mesh_shape(config.mesh, n)
+    fixed = math.prod(v for k, v in shape.items() if k not in ("data", "fsdp"))
+    f, sizes = shape["fsdp"], []  # from the config's own (resolved: fsdp=-1 is every device)
     while f * fixed <= n and n % (f * fixed) == 0:
         sizes.append(f)
         f *= 2
@@ -205,7 +206,6 @@ def candidates(config, n: int) -> list[dict]:
         remat = dict.fromkeys(keys, p) if p is not None else {}
         out += [{"mesh.data": -1, "mesh.fsdp": s, **remat} for s in sizes if (s, p) != (sizes[0], None)]
     last = dict(out[-1])
-    shape = config_lib.mesh_shape(config.mesh, n)
     dp = math.prod(shape[a] for a in config_lib.batch_axes(config))
     accum, gb = config.train.grad_accum * 2, config.data.global_batch_size
     while gb % (dp * accum) == 0:

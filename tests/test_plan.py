@@ -74,6 +74,8 @@ def test_candidates_fsdp_then_remat_then_accumulation(tiny_config):
         {**mesh(2), "model.remat": "full"},
         {**mesh(2), "model.remat": "full", "train.grad_accum": 2},
     ]
+    every = plan.candidates(tiny_config("mesh.data=1", "mesh.fsdp=-1", "data.global_batch_size=4"), 2)
+    assert every[:2] == [{}, {**mesh(2), "model.remat": "dots"}]  # fsdp=-1 is 2 already: no smaller one
 
 
 def test_out_of_memory_is_reported_and_searched_past(tiny_config, monkeypatch):
