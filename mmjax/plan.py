@@ -103,6 +103,27 @@ def matmul_flops(jaxpr) -> float:
     return total
 
 
+def state_bytes(trainer, batch) -> dict:
+    """The per-device bytes of each part of the train state and of the batch slice, exact (from
+    the shardings), the state's total and its 1/N ideal; nothing is compiled."""
+    state, sh = trainer.abstract_state, trainer.state_shardings
+    other = ("model_state", "ema", "step", "bad_streak", "bad_total")
+    parts = {
+        "params": (state.params, sh.params),
+        "opt_state": (state.opt_state, sh.opt_state),
+        "other_state": ([getattr(state, k) for k in other], [getattr(sh, k) for k in other]),
+        "frozen": (trainer.abstract_frozen, trainer.frozen_shardings),
+        "batch": (batch, {k: trainer.batch_sharding for k in batch}),
+    }
+    n = trainer.mesh.size
+    out = {"devices": n, "mesh": dict(trainer.mesh.shape), "num_params": trainer.num_params}
+    out.update({f"{k}_bytes": _bytes(*v) for k, v in parts.items()})
+    held = ("params", "opt_state", "other_state", "frozen")
+    out["state_bytes"] = sum(out[f"{k}_bytes"] for k in held)
+    out["state_ideal_bytes"] = sum(_bytes(*parts[k], per_device=False) for k in held) / n
+    return out
+
+
 def plan_one(config, devices) -> dict:
     """Compiles `config`'s train step for `devices` (a list; TPU compile-only devices or real ones);
     returns the per-device bytes of each part of the state (exact, from the shardings) and their
@@ -117,25 +138,8 @@ def plan_one(config, devices) -> dict:
     start = time.perf_counter()
     trainer = trainer_lib.Trainer(config, "", mesh=parallel.make_mesh(config, devices))
     batch = trainer.abstract_batch_from_config()
-    state, sh = trainer.abstract_state, trainer.state_shardings
-    other = ("model_state", "ema", "step", "bad_streak", "bad_total")
-    parts = {
-        "params": (state.params, sh.params),
-        "opt_state": (state.opt_state, sh.opt_state),
-        "other_state": ([getattr(state, k) for k in other], [getattr(sh, k) for k in other]),
-        "frozen": (trainer.abstract_frozen, trainer.frozen_shardings),
-        "batch": (batch, {k: trainer.batch_sharding for k in batch}),
-    }
-    out = {
-        "devices": len(devices),
-        "device_kind": devices[0].device_kind,
-        "mesh": dict(trainer.mesh.shape),
-        "num_params": trainer.num_params,
-        **{f"{k}_bytes": _bytes(*v) for k, v in parts.items()},
-    }
-    held = ("params", "opt_state", "other_state", "frozen")
-    out["state_bytes"] = sum(out[f"{k}_bytes"] for k in held)
-    out["state_ideal_bytes"] = sum(_bytes(*parts[k], per_device=False) for k in held) / len(devices)
+    state = trainer.abstract_state
+    out = {"device_kind": devices[0].device_kind, **state_bytes(trainer, batch)}
     with trainer._context():  # tracing only: mesh-independent, every step of every scan
         jaxpr = jax.make_jaxpr(trainer.train_step)(state, trainer.abstract_frozen, batch)
     out["matmul_flops"] = matmul_flops(jaxpr)
