@@ -139,3 +139,26 @@ def test_eval_batch_sizes_do_not_stop_a_plan(tiny_config):
     assert note.startswith("evaluators left out: evals.val.batch_size=64") and not part.evals and config.evals
     with pytest.raises(ConfigError, match="global_batch_size"):
         plan._train_only(config, 5)
+
+
+@needs_libtpu
+def test_auto_attention_resolves_for_the_slice_planned_for(tiny_config):
+    """Under `--topology` on a CPU host, 'auto' is the TPU's splash kernel (its mask info made on
+    the host), not the host's dense path."""
+    import jax
+
+    from mmjax import parallel
+    from mmjax.models import layers
+
+    c = tiny_config("mesh.fsdp=4")
+    mesh = parallel.make_mesh(c, plan.topology_devices("v5e:2x2"))
+    q = jax.ShapeDtypeStruct((4, 128, 4, 64), jax.numpy.bfloat16)
+    seg = jax.ShapeDtypeStruct((4, 128), jax.numpy.int32)
+    attend = lambda q, s: layers.dot_product_attention(
+        q, q, q, segment_ids=s, is_causal=True, implementation="auto"
+    )
+    with jax.set_mesh(mesh):
+        assert layers.attention_impl("auto") == "splash"
+        text = jax.jit(attend).lower(q, seg).as_text()
+    assert "tpu_custom_call" in text
+    assert layers.attention_impl("auto") == "xla"  # no mesh: this CPU host

@@ -154,6 +154,14 @@ class Mlp(nn.Module):
 ATTENTION_IMPLS = ('xla', 'cudnn', 'splash', 'auto')
 
 
+def _platform() -> str:
+    """The platform the traced step compiles for: the current mesh's (a TPU slice's compile-only
+    devices under `mmjax plan --topology`, on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def attention_impl(name: str, dtype: Dtype = jnp.bfloat16) -> str:
     """The kernel `name` runs: 'auto' is cuDNN flash attention on a Hopper-or-later GPU (its packed
     layout needs sm90; 16-bit compute only), splash attention on a TPU, else the dense XLA path."""
@@ -161,7 +169,7 @@ def attention_impl(name: str, dtype: Dtype = jnp.bfloat16) -> str:
         raise ValueError(f'attention={name!r}; choose one of {", ".join(ATTENTION_IMPLS)}')
     if name != 'auto':
         return name
-    backend = jax.default_backend()
+    backend = _platform()
     if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         capability = getattr(jax.devices()[0], 'compute_capability', '0')
         return 'cudnn' if float(capability) >= 9.0 else 'xla'
@@ -209,6 +217,13 @@ def _block(T: int) -> int:
     raise ValueError(f'splash attention needs a length that is a multiple of 128, got {T}')
 
 
+def _host_device_context():
+    """Eager work inside a trace on this host's default device, outside the mesh's devices."""
+    from jax._src import sharding_impls  # private: jax.set_mesh cannot be used inside jit
+
+    return sharding_impls._internal_use_concrete_mesh(sharding_impls.empty_concrete_mesh)
+
+
 @functools.lru_cache(maxsize=16)
 def _splash_kernel(T: int, group: int, is_causal: bool, interpret: bool):
     """(the MQA kernel of `group` query heads over T tokens, SegmentIds); cached: its mask info is
@@ -220,7 +235,9 @@ def _splash_kernel(T: int, group: int, is_causal: bool, interpret: bool):
     b = _block(T)
     sizes = sk.BlockSizes(*(b,) * 8)  # q, kv, kv_compute; dkv: q, kv, kv_compute; dq: q, kv
     mask = sm.MultiHeadMask([one] * group)
-    with jax.ensure_compile_time_eval():  # concrete mask arrays: the cached kernel outlives this trace
+    # concrete mask arrays (the cached kernel outlives this trace), made on this host's default
+    # device, outside the mesh: under `mmjax plan --topology` the mesh's TPUs are compile-only
+    with jax.ensure_compile_time_eval(), _host_device_context():
         kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
     return kernel, sk.SegmentIds
 
@@ -230,7 +247,7 @@ def _splash(q, k, v, segment_ids, is_causal, scale):
     group of query heads that shares it; shard_map'ed over batch and heads under a mesh."""
     B, T, N, H = q.shape
     K = k.shape[2]
-    kernel, SegmentIds = _splash_kernel(T, N // K, is_causal, jax.default_backend() != 'tpu')
+    kernel, SegmentIds = _splash_kernel(T, N // K, is_causal, _platform() != 'tpu')
     seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
     def run(q, k, v, seg):
