@@ -22,17 +22,15 @@ def main():
     import jax
 
     jax.config.update("jax_num_cpu_devices", max(args.chips))
-    from mmjax import config as config_lib, parallel, plan
-    from mmjax.train import stages, trainer as trainer_lib
+    from mmjax import config as config_lib, plan
+    from mmjax.train import stages
 
     G = 2**30
     for name in args.configs:
-        config = config_lib.load(name)
-        parts = [(s, config[s]) for s in config.stages] if stages.is_pipeline(config) else [("", config)]
         for n in args.chips:
-            for stage, part in parts:
+            for stage, part in stages.parts(config_lib.load(name)):
                 part, _ = plan._train_only(part, n)
-                t = trainer_lib.Trainer(part, "", mesh=parallel.make_mesh(part, jax.devices()[:n]))
+                t = plan.abstract_trainer(part, jax.devices()[:n])
                 r = plan.state_bytes(t, t.abstract_batch_from_config())
                 ratio = r["state_bytes"] / r["state_ideal_bytes"]
                 row = dict(config=name, stage=stage, chips=n, mesh=r["mesh"], state_gib=r["state_bytes"] / G)

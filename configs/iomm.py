@@ -169,9 +169,8 @@ def _b(stage: int):
     c.data.image_size = 512
     for comp in c.data.components.values():
         comp.update(num_records=0, cache=False)
-    c.mesh.update(
-        data=1, fsdp=-1
-    )  # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+    # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+    c.mesh.update(data=1, fsdp=-1)
     c.data.update(global_batch_size=1024, num_workers=8)
     c.optim.update(lr=1e-4, warmup_steps=1000, lr_floor=0.1)
     c.train.update(steps=200_000, log_every=100, save_every=2000, keep_period=20_000, ema_decay=0.999)

@@ -127,9 +127,8 @@ def _full(c, llm, moe=0):
     # (`mmjax convert hf-import`; set model.tokenizer to the LLM's HF folder too)
     c.init.vision = dict(path="", into="vision", skip="")
     c.init.llm = dict(path="", into="llm", skip="")
-    c.mesh.update(
-        data=1, fsdp=-1
-    )  # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+    # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+    c.mesh.update(data=1, fsdp=-1)
     c.data.update(global_batch_size=512, num_workers=8)
     c.optim.update(lr_law="mm1", warmup_steps=2000, lr_floor=0.1)
     c.train.update(steps=200_000, log_every=100, save_every=2000, keep_period=20_000)

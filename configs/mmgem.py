@@ -95,9 +95,8 @@ def _l14():
         scan=True,
         remat="nothing_saveable",
     )
-    c.mesh.update(
-        data=1, fsdp=-1
-    )  # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+    # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+    c.mesh.update(data=1, fsdp=-1)
     # projections 5e-4, backbones 5e-5
     c.optim.update(name="lamb", lr=5e-4, weight_decay=0.05, warmup_steps=2000, groups=((BACKBONES, 0.1),))
     c.train.update(steps=100_000, log_every=100, save_every=2000)

@@ -104,9 +104,8 @@ def _stage(scale: str, stage: int):
     if tiny:
         c.train.update(steps=300 if stage == 1 else 400, log_every=20, save_every=400)
     else:
-        c.mesh.update(
-            data=1, fsdp=-1
-        )  # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+        # FSDP over every chip of a slice or node; mesh_dcn.data spans slices or nodes
+        c.mesh.update(data=1, fsdp=-1)
         c.train.update(steps=200_000 if stage == 1 else 50_000, log_every=100, save_every=5000)
     return c
 

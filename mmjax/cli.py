@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report(*stages.last(config, args.workdir)))
             return 0
         if args.command == "check":  # every stage of a pipeline, its links left open (no weights)
-            parts = [(n, config[n]) for n in config.stages] if stages.is_pipeline(config) else [("", config)]
-            for name, part in parts:
+            for name, part in stages.parts(config):
                 print(json.dumps({**({"stage": name} if name else {}), **check(part)}))
             return 0
         config, workdir = stages.last(config, args.workdir)

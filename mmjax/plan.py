@@ -103,6 +103,14 @@ def matmul_flops(jaxpr) -> float:
     return total
 
 
+def abstract_trainer(config, devices):
+    """A Trainer over a mesh of `devices` (compile-only ones too); its state stays abstract."""
+    from mmjax import parallel
+    from mmjax.train import trainer as trainer_lib
+
+    return trainer_lib.Trainer(config, "", mesh=parallel.make_mesh(config, devices))
+
+
 def state_bytes(trainer, batch) -> dict:
     """The per-device bytes of each part of the train state and of the batch slice, exact (from
     the shardings), the state's total and its 1/N ideal; nothing is compiled."""
@@ -132,11 +140,10 @@ def plan_one(config, devices) -> dict:
     temporaries it named when it gave up (not stable from run to run)."""
     import jax
 
-    from mmjax import parallel
     from mmjax.train import trainer as trainer_lib
 
     start = time.perf_counter()
-    trainer = trainer_lib.Trainer(config, "", mesh=parallel.make_mesh(config, devices))
+    trainer = abstract_trainer(config, devices)
     batch = trainer.abstract_batch_from_config()
     state = trainer.abstract_state
     out = {"device_kind": devices[0].device_kind, **state_bytes(trainer, batch)}
@@ -339,8 +346,7 @@ def stages_plans(config, devices: int = 0, topology: str = "", memory_gb: float 
     devs = topology_devices(topology) if topology else cpu_devices(devices or 1)
     if topology and devices and devices != len(devs):
         raise ConfigError(f"--devices {devices} but topology {topology} has {len(devs)} chips")
-    parts = [(n, config[n]) for n in config.stages] if stages.is_pipeline(config) else [("", config)]
-    for name, part in parts:
+    for name, part in stages.parts(config):
         part, note = _train_only(part, len(devs))
         r = {**({"stage": name} if name else {}), **plan_one(part, devs), **({"note": note} if note else {})}
         if memory_gb:

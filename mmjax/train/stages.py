@@ -26,6 +26,11 @@ def is_pipeline(config) -> bool:
     return "stages" in config
 
 
+def parts(config) -> list[tuple[str, object]]:
+    """(name, config) of every stage of a pipeline, in order; [("", config)] for a single run."""
+    return [(n, config[n]) for n in config.stages] if is_pipeline(config) else [("", config)]
+
+
 def _export_dir(workdir, source: str) -> tuple[str, str]:
     """(folder, part) of the export that `source` ("stage" or "stage:part") names."""
     stage, _, part = source.partition(":")
