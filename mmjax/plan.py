@@ -80,8 +80,9 @@ def _flops(compiled) -> float | None:
 
 def matmul_flops(jaxpr) -> float:
     """FLOPs of the dot products and convolutions of a (closed) jaxpr, a scan's body times its
-    length (XLA's cost analysis counts a loop body once), a cond's costliest branch; what remat
-    recomputes is in the differentiated jaxpr, so it counts. Elementwise work is left out."""
+    length (XLA's cost analysis counts a loop body once), a Pallas kernel's body times its grid, a
+    cond's costliest branch; what remat recomputes is in the differentiated jaxpr, so it counts.
+    Elementwise work is left out."""
     from jax.extend import core
 
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -98,6 +99,8 @@ def matmul_flops(jaxpr) -> float:
         subs = [matmul_flops(j) for j in core.jaxprs_in_params(eqn.params)]
         if name == "cond":
             total += max(subs, default=0.0)
+        elif name == "pallas_call":  # a kernel's body runs once per grid point (skipped blocks too)
+            total += sum(subs) * math.prod(eqn.params["grid_mapping"].grid)
         else:
             total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
     return total

@@ -162,3 +162,20 @@ def test_auto_attention_resolves_for_the_slice_planned_for(tiny_config):
         text = jax.jit(attend).lower(q, seg).as_text()
     assert "tpu_custom_call" in text
     assert layers.attention_impl("auto") == "xla"  # no mesh: this CPU host
+
+
+def test_matmul_flops_count_inside_pallas_kernels():
+    """A Pallas kernel's body counts once per grid point: splash attention (interpret mode) gives
+    the dense path's forward FLOPs; its backward recomputes the scores, so it counts more."""
+    from mmjax.models.llm import LLM
+
+    tokens = jax.random.randint(jax.random.key(0), (2, 128), 0, 64)
+    llm = dict(vocab_size=64, width=32, depth=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
+    params = LLM(**llm).init(jax.random.key(1), tokens[:, :8])["params"]
+    fwd, grad = {}, {}
+    for impl in ("xla", "splash"):
+        apply = lambda p, impl=impl: LLM(**llm, attention=impl).apply({"params": p}, tokens)[0]
+        fwd[impl] = plan.matmul_flops(jax.make_jaxpr(apply)(params))
+        grad[impl] = plan.matmul_flops(jax.make_jaxpr(jax.grad(lambda p: apply(p).sum()))(params))
+    assert fwd["splash"] == fwd["xla"] > 0
+    assert grad["splash"] > grad["xla"] > fwd["xla"]
