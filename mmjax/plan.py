@@ -78,11 +78,20 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def _spec_axes(params) -> set:
+    """The manual mesh axes a shard_map's in and out specs split arrays over."""
+    names = set()
+    for spec in (*params["in_specs"], *params["out_specs"]):
+        for entry in spec:
+            names.update((entry,) if isinstance(entry, str) else entry or ())
+    return names & set(params["newly_manual_axes"])
+
+
 def matmul_flops(jaxpr) -> float:
     """FLOPs of the dot products and convolutions of a (closed) jaxpr, a scan's body times its
     length (XLA's cost analysis counts a loop body once), a Pallas kernel's body times its grid, a
-    cond's costliest branch; what remat recomputes is in the differentiated jaxpr, so it counts.
-    Elementwise work is left out."""
+    shard_map's body times its shards, a cond's costliest branch; what remat recomputes is in the
+    differentiated jaxpr, so it counts. Elementwise work is left out."""
     from jax.extend import core
 
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -101,6 +110,8 @@ def matmul_flops(jaxpr) -> float:
             total += max(subs, default=0.0)
         elif name == "pallas_call":  # a kernel's body runs once per grid point (skipped blocks too)
             total += sum(subs) * math.prod(eqn.params["grid_mapping"].grid)
+        elif name == "shard_map":  # the body sees one shard: times the shards its specs split into
+            total += sum(subs) * math.prod(eqn.params["mesh"].shape[a] for a in _spec_axes(eqn.params))
         else:
             total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
     return total

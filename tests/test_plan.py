@@ -179,3 +179,26 @@ def test_matmul_flops_count_inside_pallas_kernels():
         grad[impl] = plan.matmul_flops(jax.make_jaxpr(jax.grad(lambda p: apply(p).sum()))(params))
     assert fwd["splash"] == fwd["xla"] > 0
     assert grad["splash"] > grad["xla"] > fwd["xla"]
+
+
+def test_matmul_flops_count_every_shard_of_a_shard_map():
+    """Under a mesh splash attention runs in a shard_map over batch and heads: its body sees one
+    shard, and the count is the whole step's, the same as without a mesh."""
+    import flax.linen as nn
+
+    from mmjax.models import layers
+
+    q = jax.ShapeDtypeStruct((4, 128, 4, 16), jax.numpy.float32)
+    seg = jax.ShapeDtypeStruct((4, 128), jax.numpy.int32)
+
+    def flops(impl):
+        attend = lambda q, s: layers.dot_product_attention(
+            q, q, q, segment_ids=s, is_causal=True, implementation=impl
+        )
+        return plan.matmul_flops(jax.make_jaxpr(attend)(q, seg))
+
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = [("batch", "data"), ("act_heads", "tensor")]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharded = flops("splash")
+    assert sharded == flops("splash") == flops("xla") > 0
