@@ -374,7 +374,7 @@ class Embedder(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(dense(self.width, (None, 'mlp'), name='wi', **kw)(x))
+        h = nn.silu(dense(self.width, ('embed', 'mlp'), name='wi', **kw)(x))
         return dense(self.width, ('mlp', 'embed'), name='wo', **kw)(h)
 
 
