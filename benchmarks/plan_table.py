@@ -11,14 +11,15 @@ import re
 import sys
 from pathlib import Path
 
+from mmjax import plan
+
 G = 2**30
-HBM_GIB = {"TPU v5 lite": 16, "TPU v5": 95}  # v5e, v5p
 TOPOLOGIES = ("v5p:2x2x2", "v5e:2x4", "v5p:4x4x4", "v5e:8x8", "v5p:4x8x8", "v5e:16x16")
 CONFIGS = ("mm1.py:1b", "mm1.py:3b", "mm1.py:3b_moe", "iomm.py:b", "mmgem.py:l14", "unicode.py:7b")
 COLUMNS = (
     "config", "stage", "topology", "chips", "mesh data x fsdp x expert x tensor",
     "params (frozen models apart)", "state GiB/dev (exact)", "1/N ideal GiB", "state / ideal",
-    "temporaries GiB (TPU compiler)", "peak GiB", "HBM GiB", "fits", "matmul PFLOP/step",
+    "temporaries GiB (TPU compiler)", "peak GiB", "usable HBM GiB", "fits", "matmul PFLOP/step",
     "compiler TFLOP/dev", "command wall s", "peak RSS GiB",
 )  # fmt: skip
 
@@ -35,7 +36,7 @@ def runs(out: Path) -> dict:
 
 def cells(cfg: str, topo: str, r: dict) -> list[str]:
     mesh = "x".join(str(r["mesh"][k]) for k in ("data", "fsdp", "expert", "tensor"))
-    hbm = HBM_GIB[r["device_kind"]]
+    hbm = plan.HBM_GIB[r["device_kind"]]
     if "oom" in r:
         at = f" (compile aborted at {r['temp_bytes'] / G:.0f})" if "temp_bytes" in r else ""
         temp, peak, fits = f"> HBM{at}", "-", "no (OOM)"

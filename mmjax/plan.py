@@ -25,7 +25,9 @@ import time
 from mmjax.config import ConfigError
 
 GiB = 2**30
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}  # per chip
+# Per chip: the HBM the TPU compiler says a program may use (its RESOURCE_EXHAUSTED messages name
+# 15.75 GiB of v5e's 16 and 95.74 of v5p's); v4 and v6e: the chip's capacity
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 15.75, "TPU v5": 95.74, "TPU v6 lite": 32}
 
 
 def topology_devices(name: str) -> list:
@@ -309,7 +311,7 @@ def table(r: dict, topology: str) -> str:
     if hbm and "peak_bytes" in r:
         verdict = "fits" if r["peak_bytes"] <= hbm * GiB else "does not fit"
         lines.append(
-            f"  the peak {verdict} the chip's {hbm} GiB (--memory-gb N searches for what fits N GiB)"
+            f"  the peak {verdict} the {hbm} GiB of HBM a program may use (--memory-gb N searches for what fits N GiB)"
         )
     if "fit" in r:
         f = r["fit"]

@@ -109,7 +109,7 @@ def test_tpu_topology_compiles_without_a_tpu(tiny_config):
     assert r["argument_bytes"] >= r["state_bytes"] + r["batch_bytes"]  # TPU layouts pad, never shrink
     assert r["state_bytes"] <= 1.1 * r["state_ideal_bytes"]
     text = plan.table(r, "v5e:2x2")
-    assert "the TPU compiler's" in text and "fits the chip's 16 GiB" in text
+    assert "the TPU compiler's" in text and "fits the 15.75 GiB of HBM a program may use" in text
 
 
 @needs_libtpu
