@@ -131,3 +131,24 @@ def test_gradients_reach_the_features():
     g = jax.grad(lambda f: roi_align(f, boxes, 2, 1.0, 2, True).sum())(features)
     assert np.isclose(np.asarray(g).sum(), 2 * 2 * 2)  # each output sums bilinear weights that sum to 1
     assert (np.asarray(g)[0, 5] == 0).all()  # the last row is never sampled
+
+
+def test_per_image_boxes_stay_on_their_shard():
+    """per_image (box n on image n, MM-GEM's regions) gives the gathered path's values, and on a
+    batch-sharded feature map it compiles without an all-gather (the gathered path needs one)."""
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(8, 9, 7, 3)).astype(np.float32)
+    boxes = _boxes(rng, 8, 8, 16)
+    boxes[:, 0] = np.arange(8)
+    got = roi_align(features, boxes[:, 1:], 3, 0.5, -1, True, per_image=True)
+    np.testing.assert_allclose(got, roi_align(features, boxes, 3, 0.5, -1, True), rtol=1e-6, atol=1e-6)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    f = jax.device_put(features, rows)
+
+    def hlo(fn, b):
+        return jax.jit(fn, out_shardings=rows).lower(f, jax.device_put(b, rows)).compile().as_text()
+
+    per_image = hlo(lambda f, b: roi_align(f, b, 3, 0.5, -1, True, per_image=True), boxes[:, 1:])
+    gathered = hlo(lambda f, b: roi_align(f, b, 3, 0.5, -1, True), boxes)
+    assert "all-gather" not in per_image and "all-gather" in gathered

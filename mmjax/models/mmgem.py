@@ -30,8 +30,7 @@ def pool_aggregate(
     in input pixels) the mean of each box's RoIAlign bins (aligned, adaptive sampling)."""
     if boxes is None:
         return fmap.mean((1, 2))
-    rois = jnp.concatenate([jnp.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1)
-    bins = roi_align(fmap, rois, output_size, fmap.shape[2] / image_size, -1, True)
+    bins = roi_align(fmap, boxes, output_size, fmap.shape[2] / image_size, -1, True, per_image=True)
     return bins.mean((1, 2))
 
 

@@ -40,9 +40,48 @@ def _bilinear(fmap: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(inside[..., None], v, 0.0)
 
 
+def _grid_bound(H: int, W: int, out_h: int, out_w: int, sampling_ratio: int, max_sampling_ratio) -> tuple:
+    if sampling_ratio > 0:
+        return int(sampling_ratio), int(sampling_ratio)
+    if max_sampling_ratio:
+        return int(max_sampling_ratio), int(max_sampling_ratio)
+    return math.ceil((H + 1) / out_h), math.ceil((W + 1) / out_w)
+
+
+def _one(fmap, box, out_h, out_w, spatial_scale, sampling_ratio, aligned, gh_max, gw_max):
+    """fmap [H, W, C], box [4] (x1, y1, x2, y2) -> [out_h, out_w, C]."""
+    x1, y1, x2, y2 = box * spatial_scale - (0.5 if aligned else 0.0)
+    w, h = x2 - x1, y2 - y1
+    if not aligned:
+        w, h = jnp.maximum(w, 1.0), jnp.maximum(h, 1.0)
+    bin_h, bin_w = h / out_h, w / out_w
+    if sampling_ratio > 0:
+        gh = gw = jnp.float32(sampling_ratio)
+    else:
+        gh = jnp.clip(jnp.ceil(h / out_h), 1, gh_max)
+        gw = jnp.clip(jnp.ceil(w / out_w), 1, gw_max)
+    iy, ix = jnp.arange(gh_max), jnp.arange(gw_max)
+    # sample (ph, iy) of bin row ph: y1 + ph * bin_h + (iy + 0.5) * bin_h / gh, for iy < gh
+    ys = y1 + jnp.arange(out_h)[:, None] * bin_h + (iy[None] + 0.5) * bin_h / gh  # [out_h, gh_max]
+    xs = x1 + jnp.arange(out_w)[:, None] * bin_w + (ix[None] + 0.5) * bin_w / gw  # [out_w, gw_max]
+    y = jnp.broadcast_to(ys[:, None, :, None], (out_h, out_w, gh_max, gw_max))
+    x = jnp.broadcast_to(xs[None, :, None, :], (out_h, out_w, gh_max, gw_max))
+    v = _bilinear(fmap, y, x)  # [out_h, out_w, gh_max, gw_max, C]
+    used = (iy[:, None] < gh) & (ix[None, :] < gw)
+    total = jnp.where(used[None, None, :, :, None], v, 0.0).sum((2, 3))
+    return total / jnp.maximum(gh * gw, 1.0)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("output_size", "spatial_scale", "sampling_ratio", "aligned", "max_sampling_ratio"),
+    static_argnames=(
+        "output_size",
+        "spatial_scale",
+        "sampling_ratio",
+        "aligned",
+        "max_sampling_ratio",
+        "per_image",
+    ),
 )
 def roi_align(
     features: jax.Array,
@@ -52,40 +91,23 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
     max_sampling_ratio: int | None = None,
+    per_image: bool = False,
 ) -> jax.Array:
-    """features [N, H, W, C], boxes [K, 5] -> [K, out_h, out_w, C] (channels last)."""
+    """features [N, H, W, C], boxes [K, 5] -> [K, out_h, out_w, C] (channels last).
+
+    `per_image`: boxes [N, 4] without the batch index, box n on image n: no gather across the
+    batch, so a batch-sharded feature map stays sharded (a gathered one is all-gathered first)."""
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     features = jnp.asarray(features)
     _, H, W, _ = features.shape
-    if sampling_ratio > 0:
-        gh_max = gw_max = int(sampling_ratio)
-    elif max_sampling_ratio:
-        gh_max = gw_max = int(max_sampling_ratio)
+    bound = _grid_bound(H, W, out_h, out_w, sampling_ratio, max_sampling_ratio)
+    one = functools.partial(
+        _one, out_h=out_h, out_w=out_w, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+        aligned=aligned, gh_max=bound[0], gw_max=bound[1],
+    )  # fmt: skip
+    boxes = boxes.astype(jnp.float32)
+    if per_image:
+        out = jax.vmap(one)(features, boxes)
     else:
-        gh_max, gw_max = math.ceil((H + 1) / out_h), math.ceil((W + 1) / out_w)
-    offset = 0.5 if aligned else 0.0
-
-    def one(box):
-        b = box[0].astype(jnp.int32)
-        x1, y1, x2, y2 = box[1:] * spatial_scale - offset
-        w, h = x2 - x1, y2 - y1
-        if not aligned:
-            w, h = jnp.maximum(w, 1.0), jnp.maximum(h, 1.0)
-        bin_h, bin_w = h / out_h, w / out_w
-        if sampling_ratio > 0:
-            gh = gw = jnp.float32(sampling_ratio)
-        else:
-            gh = jnp.clip(jnp.ceil(h / out_h), 1, gh_max)
-            gw = jnp.clip(jnp.ceil(w / out_w), 1, gw_max)
-        iy, ix = jnp.arange(gh_max), jnp.arange(gw_max)
-        # sample (ph, iy) of bin row ph: y1 + ph * bin_h + (iy + 0.5) * bin_h / gh, for iy < gh
-        ys = y1 + jnp.arange(out_h)[:, None] * bin_h + (iy[None] + 0.5) * bin_h / gh  # [out_h, gh_max]
-        xs = x1 + jnp.arange(out_w)[:, None] * bin_w + (ix[None] + 0.5) * bin_w / gw  # [out_w, gw_max]
-        y = jnp.broadcast_to(ys[:, None, :, None], (out_h, out_w, gh_max, gw_max))
-        x = jnp.broadcast_to(xs[None, :, None, :], (out_h, out_w, gh_max, gw_max))
-        v = _bilinear(features[b], y, x)  # [out_h, out_w, gh_max, gw_max, C]
-        used = (iy[:, None] < gh) & (ix[None, :] < gw)
-        total = jnp.where(used[None, None, :, :, None], v, 0.0).sum((2, 3))
-        return total / jnp.maximum(gh * gw, 1.0)
-
-    return jax.vmap(one)(boxes.astype(jnp.float32)).astype(features.dtype)
+        out = jax.vmap(lambda box: one(features[box[0].astype(jnp.int32)], box[1:]))(boxes)
+    return out.astype(features.dtype)
