@@ -11,11 +11,12 @@ import re
 import sys
 from pathlib import Path
 
+from plan_state import CONFIGS  # this folder's: the full-scale configs
+
 from mmjax import plan
 
 G = 2**30
 TOPOLOGIES = ("v5p:2x2x2", "v5e:2x4", "v5p:4x4x4", "v5e:8x8", "v5p:4x8x8", "v5e:16x16")
-CONFIGS = ("mm1.py:1b", "mm1.py:3b", "mm1.py:3b_moe", "iomm.py:b", "mmgem.py:l14", "unicode.py:7b")
 COLUMNS = (
     "config", "stage", "topology", "chips", "mesh data x fsdp x expert x tensor",
     "params (frozen models apart)", "state GiB/dev (exact)", "1/N ideal GiB", "state / ideal",
@@ -42,7 +43,7 @@ def cells(cfg: str, topo: str, r: dict) -> list[str]:
         temp, peak, fits = f"> HBM{at}", "-", "no (OOM)"
     else:
         temp, peak = f"{r['temp_bytes'] / G:.2f}", f"{r['peak_bytes'] / G:.2f}"
-        fits = "yes" if r["peak_bytes"] <= hbm * G else "no"
+        fits = "yes" if plan.fits(r) else "no"
     cf = r.get("compiler_flops_per_device")
     return [
         f"`{cfg}`", r.get("stage", ""), topo, str(r["devices"]), mesh, f"{r['num_params'] / 1e9:.2f}B",
@@ -63,14 +64,13 @@ def main(out: Path) -> None:
             name = re.sub(r"[/:]", "_", f"{cfg}-{topo}")
             text = (out / f"{name}.json").read_text() if (out / f"{name}.json").exists() else ""
             stages = [json.loads(line) for line in text.splitlines() if line.strip()]
-            if rc != "0" or not stages:
+            if rc != "0" or not stages:  # the reason in the temporaries column
                 err = (out / f"{name}.err").read_text() if (out / f"{name}.err").exists() else ""
                 why = re.findall(r"^\w*(?:Error|Exception)\b.*$|^mmjax plan:.*$", err, re.M) or ["?"]
                 what = f"timed out after {wall / 60:.0f} min" if rc in ("124", "143") else why[-1][:160]
-                row = [f"`{cfg}`", "", topo, *[""] * 12]
-                row[9] = what
-                stages = []
-                print("| " + " | ".join([*row, f"{wall:.0f}", f"{rss:.1f}"]) + " |")
+                row = [f"`{cfg}`", "", topo, *[""] * 6, what, *[""] * 5, f"{wall:.0f}", f"{rss:.1f}"]
+                print("| " + " | ".join(row) + " |")
+                continue
             for i, r in enumerate(stages):
                 first = [f"{wall:.0f}", f"{rss:.1f}"] if i == 0 else ["(same command)", ""]
                 print("| " + " | ".join(cells(cfg, topo, r) + first) + " |")

@@ -266,6 +266,12 @@ def fit(config, devices, memory_bytes: float, first: dict, stage: str = "") -> d
 
 
 # ---- report ------------------------------------------------------------------------------------
+def fits(r: dict) -> bool | None:
+    """Whether a compiled TPU plan's peak fits the HBM a program may use (None: not known)."""
+    hbm = HBM_GIB.get(r["device_kind"])
+    return None if hbm is None or "peak_bytes" not in r else r["peak_bytes"] <= hbm * GiB
+
+
 def table(r: dict, topology: str) -> str:
     hbm = HBM_GIB.get(r["device_kind"]) if topology and "fit" not in r else None
     g = lambda b: f"{b / GiB:10.3f} GiB" if b >= GiB / 10 else f"{b / 2**20:10.2f} MiB"
@@ -308,8 +314,8 @@ def table(r: dict, topology: str) -> str:
         lines.append(
             f"  the compiler's count: {r['compiler_flops_per_device']:.3e} per device (counts each scan body once)"
         )
-    if hbm and "peak_bytes" in r:
-        verdict = "fits" if r["peak_bytes"] <= hbm * GiB else "does not fit"
+    if hbm and fits(r) is not None:
+        verdict = "fits" if fits(r) else "does not fit"
         lines.append(
             f"  the peak {verdict} the {hbm} GiB of HBM a program may use (--memory-gb N searches for what fits N GiB)"
         )
